@@ -1,0 +1,125 @@
+"""Configuration of the scRNA longformer (kNN-masked gene-token transformer).
+
+This file is copied next to saved weights as remote code: it imports only transformers and
+huggingface_hub, never the rest of ``scrnalf_hf``.
+"""
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+ATTENTION_TYPES = ("knn", "dense", "linear")
+POOLING_TYPES = ("cls", "mean")
+VALUE_ENCODINGS = ("multiplicative", "additive")
+
+
+@strict
+class ScrnaLongformerConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ScrnaLongformerModel`]: one token per gene of a fixed gene panel plus a
+    global CLS token; genes attend to their ``knn_k`` nearest genes of a gene–gene kNN graph.
+
+    Args:
+        n_genes: size G of the gene panel (the model's vocabulary); inputs are (batch, G).
+        d_model: width of every token.
+        depth: number of transformer layers.
+        n_heads: attention heads; ``d_model`` must be a multiple of it.
+        mlp_ratio: feed-forward width as a multiple of ``d_model``.
+        hidden_dropout: dropout after attention and feed-forward blocks and before heads.
+        attention_dropout: dropout on attention probabilities.
+        knn_k: width of the gene-neighbour table (neighbours per gene, the gene itself included).
+        attention_type: ``"knn"`` (sparse, O(G·k)), ``"dense"`` (masked SDPA over the same graph,
+            the numerical reference) or ``"linear"`` (kernelised global attention, O(G·d²)).
+        pooling: how the cell embedding is read out: the CLS token or the mean of measured genes.
+        value_encoding: how a gene's expression value enters its token. ``"multiplicative"``:
+            gene embedding ⊙ (1 + value embedding); ``"additive"``: gene embedding + value
+            embedding. Value embeddings interpolate linearly between ``n_value_bins`` learned
+            vectors spread evenly over [0, ``value_max``] (normalised log1p units).
+        n_value_bins: number of learned value-bin vectors.
+        value_max: normalised value mapped to the last bin; larger values are clipped to it.
+        mask_ratio: fraction of measured genes hidden from the input in masked gene modelling.
+        class_weights: optional per-class loss weights for cell classification (length num_labels).
+        species: names of the species the model knows (reserved for cross-species heads; a
+            single-species model leaves it ``None``).
+        modalities: extra modalities and their feature counts, e.g. ``{"protein": 30}``
+            (reserved for multimodal heads; RNA-only models leave it ``None``).
+        layer_norm_eps: epsilon of every LayerNorm.
+        initializer_range: standard deviation of the normal weight initialisation.
+    """
+
+    model_type = "scrna_longformer"
+
+    n_genes: int = 500
+    d_model: int = 64
+    depth: int = 2
+    n_heads: int = 4
+    mlp_ratio: float | int = 4.0
+    hidden_dropout: float | int = 0.1
+    attention_dropout: float | int = 0.0
+    knn_k: int = 16
+    attention_type: Literal["knn", "dense", "linear"] = "knn"
+    pooling: Literal["cls", "mean"] = "mean"
+    value_encoding: Literal["multiplicative", "additive"] = "multiplicative"
+    n_value_bins: int = 16
+    value_max: float | int = 8.0
+    mask_ratio: float | int = 0.15
+    class_weights: list[float] | None = None
+    species: list[str] | None = None
+    modalities: dict[str, int] | None = None
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: every error names the field, the value and the fix."""
+        if self.n_genes < 1:
+            raise ValueError(f"n_genes must be >= 1, got {self.n_genes}.")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})."
+            )
+        if not 1 <= self.knn_k:
+            raise ValueError(f"knn_k must be >= 1, got {self.knn_k}.")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}.")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}.")
+        if self.value_encoding not in VALUE_ENCODINGS:
+            raise ValueError(f"value_encoding must be one of {VALUE_ENCODINGS}, got {self.value_encoding!r}.")
+        if self.n_value_bins < 2:
+            raise ValueError(f"n_value_bins must be >= 2, got {self.n_value_bins}.")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        if self.class_weights is not None and self.id2label is not None:
+            if len(self.class_weights) != len(self.id2label):
+                raise ValueError(
+                    f"class_weights has {len(self.class_weights)} entries but the config has "
+                    f"{len(self.id2label)} labels; give one weight per label."
+                )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ScrnaLongformerConfig":
+        """A named preset from ``hub_configs/`` (``tiny``, ``default``, ``large``), with overrides,
+        e.g. ``ScrnaLongformerConfig.from_preset("tiny", n_genes=765, id2label=...)``."""
+        presets = Path(__file__).parent / "hub_configs"
+        path = presets / f"{name}.json"
+        if not path.is_file():
+            available = sorted(p.stem for p in presets.glob("*.json"))
+            raise ValueError(f"unknown preset {name!r}; available presets: {available}.")
+        settings = json.loads(path.read_text())
+        settings.pop("model_type", None)
+        settings.update(overrides)
+        return cls(**settings)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return max(1, int(round(self.d_model * self.mlp_ratio)))
+
+
+__all__ = ["ScrnaLongformerConfig"]

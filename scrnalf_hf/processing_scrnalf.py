@@ -1,0 +1,428 @@
+"""Processor of the scRNA longformer: gene vocabulary, normalisation and the gene kNN graph.
+
+Turns an AnnData or a cells × genes matrix into model-ready tensors aligned to the model's gene
+panel, matching genes by Ensembl id or by symbol (case-insensitive), never by column position.
+
+This file is copied next to saved weights as remote code: it imports only numpy and
+transformers, and reads AnnData and scipy matrices by duck typing.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import BatchFeature
+from transformers.feature_extraction_utils import FeatureExtractionMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+INPUT_KINDS = ("counts", "log1p")
+GENE_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "feature_id")
+
+
+def _gene_id_key(gene_id: str) -> str:
+    """Ensembl ids match without their version suffix: ENSG00000141510.16 == ENSG00000141510."""
+    return str(gene_id).split(".")[0].upper()
+
+
+def _symbol_key(symbol: str) -> str:
+    return str(symbol).lower()
+
+
+def _duplicates(keys: Sequence[str]) -> list[str]:
+    seen, repeated = set(), []
+    for key in keys:
+        if key in seen and key not in repeated:
+            repeated.append(key)
+        seen.add(key)
+    return repeated
+
+
+def _is_sparse(matrix) -> bool:
+    return hasattr(matrix, "tocsr") and hasattr(matrix, "nnz")
+
+
+def _stored_values(matrix) -> np.ndarray:
+    """The values that are actually stored (all of a dense matrix, the nonzeros of a sparse one)."""
+    if _is_sparse(matrix):
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)
+
+
+@dataclass
+class GeneAlignment:
+    """How an input's genes map onto a vocabulary.
+
+    Attributes:
+        vocab_index: (n_input_genes,) int64, the vocabulary position of each input gene, -1 if absent.
+        n_matched: number of vocabulary genes found in the input.
+        n_vocab: vocabulary size G.
+        matched_by: ``"gene_ids"`` or ``"gene_symbols"``.
+        missing: vocabulary symbols not found in the input.
+    """
+
+    vocab_index: np.ndarray
+    n_matched: int
+    n_vocab: int
+    matched_by: str
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched / self.n_vocab
+
+    @property
+    def measured(self) -> np.ndarray:
+        """(n_vocab,) bool: which vocabulary genes the input measures."""
+        measured = np.zeros(self.n_vocab, dtype=bool)
+        measured[self.vocab_index[self.vocab_index >= 0]] = True
+        return measured
+
+    def __str__(self) -> str:
+        return (
+            f"{self.n_matched}/{self.n_vocab} panel genes found in the input "
+            f"({100 * self.fraction:.1f}%, matched by {self.matched_by})"
+        )
+
+
+class ScrnaLongformerProcessor(FeatureExtractionMixin):
+    r"""
+    Holds a model's gene panel and turns cells into its inputs.
+
+    Args:
+        gene_symbols: the panel's gene symbols, in model order (length G).
+        gene_ids: the panel's Ensembl ids in the same order, if known.
+        input_kind: ``"counts"`` (raw integer UMI counts: library-size normalised to
+            ``target_sum`` then log1p) or ``"log1p"`` (already log-normalised; used as is).
+        target_sum: counts per cell after library-size normalisation.
+        min_gene_overlap: smallest fraction of the panel an input must measure.
+        layer / use_raw: where in an AnnData the processor reads by default.
+        gene_id_key: ``.var`` column holding Ensembl ids in AnnData inputs.
+    """
+
+    model_input_names = ["expression", "attention_mask"]
+
+    def __init__(
+        self,
+        gene_symbols: Sequence[str] = (),
+        gene_ids: Sequence[str] | None = None,
+        input_kind: str = "counts",
+        target_sum: float = 1e4,
+        min_gene_overlap: float = 0.5,
+        layer: str | None = None,
+        use_raw: bool = False,
+        gene_id_key: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if len(gene_symbols) == 0:
+            raise ValueError("gene_symbols is empty: a processor needs the model's gene panel.")
+        if input_kind not in INPUT_KINDS:
+            raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}.")
+        if not 0.0 <= min_gene_overlap <= 1.0:
+            raise ValueError(f"min_gene_overlap must lie in [0, 1], got {min_gene_overlap}.")
+        self.gene_symbols = [str(symbol) for symbol in gene_symbols]
+        self.gene_ids = None if gene_ids is None else [str(gene_id) for gene_id in gene_ids]
+        if self.gene_ids is not None and len(self.gene_ids) != len(self.gene_symbols):
+            raise ValueError(
+                f"gene_ids has {len(self.gene_ids)} entries but gene_symbols has {len(self.gene_symbols)}."
+            )
+        repeated = _duplicates([_symbol_key(s) for s in self.gene_symbols])
+        if repeated:
+            raise ValueError(f"duplicate gene symbols in the panel (case-insensitive): {repeated[:10]}.")
+        if self.gene_ids is not None:
+            repeated = _duplicates([_gene_id_key(g) for g in self.gene_ids])
+            if repeated:
+                raise ValueError(f"duplicate gene ids in the panel: {repeated[:10]}.")
+        self.input_kind = input_kind
+        self.target_sum = float(target_sum)
+        self.min_gene_overlap = float(min_gene_overlap)
+        self.layer = layer
+        self.use_raw = bool(use_raw)
+        self.gene_id_key = gene_id_key
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_symbols)
+
+    # -----------------------------------------------------------------------------------------
+    # Construction from data
+    # -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        use_raw: bool = False,
+        input_kind: str = "counts",
+        gene_id_key: str | None = None,
+        **kwargs,
+    ) -> "ScrnaLongformerProcessor":
+        """A processor whose panel is the AnnData's genes (``.raw``'s if ``use_raw``)."""
+        var = adata.raw.var if use_raw else adata.var
+        names = adata.raw.var_names if use_raw else adata.var_names
+        if gene_id_key is None:
+            gene_id_key = next((column for column in GENE_ID_COLUMNS if column in var.columns), None)
+        elif gene_id_key not in var.columns:
+            raise ValueError(f"gene_id_key {gene_id_key!r} is not a column of .var; columns: {list(var.columns)}.")
+        gene_ids = None if gene_id_key is None else [str(v) for v in var[gene_id_key]]
+        return cls(
+            gene_symbols=[str(name) for name in names],
+            gene_ids=gene_ids,
+            input_kind=input_kind,
+            layer=layer,
+            use_raw=use_raw,
+            gene_id_key=gene_id_key,
+            **kwargs,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Gene alignment and normalisation
+    # -----------------------------------------------------------------------------------------
+
+    def align_genes(
+        self,
+        gene_names: Sequence[str],
+        gene_ids: Sequence[str] | None = None,
+        min_gene_overlap: float | None = None,
+    ) -> GeneAlignment:
+        """Map input genes onto the panel: by Ensembl id when both sides have ids (or the input
+        names are Ensembl ids), else by symbol, case-insensitively.
+
+        Raises:
+            ValueError: duplicate input genes, or fewer than ``min_gene_overlap`` of the panel found.
+        """
+        gene_names = [str(name) for name in gene_names]
+        looks_like_ids = len(gene_names) > 0 and np.mean([n.upper().startswith("ENS") for n in gene_names]) > 0.9
+        if self.gene_ids is not None and (gene_ids is not None or looks_like_ids):
+            matched_by = "gene_ids"
+            input_keys = [_gene_id_key(g) for g in (gene_ids if gene_ids is not None else gene_names)]
+            vocab_keys = [_gene_id_key(g) for g in self.gene_ids]
+        else:
+            matched_by = "gene_symbols"
+            input_keys = [_symbol_key(n) for n in gene_names]
+            vocab_keys = [_symbol_key(s) for s in self.gene_symbols]
+        repeated = _duplicates(input_keys)
+        if repeated:
+            raise ValueError(
+                f"duplicate gene names in the input ({matched_by}, case-insensitive): {repeated[:10]}; "
+                "make them unique (adata.var_names_make_unique()) or match by Ensembl id with gene_ids=."
+            )
+        position = {key: index for index, key in enumerate(vocab_keys)}
+        vocab_index = np.array([position.get(key, -1) for key in input_keys], dtype=np.int64)
+        n_matched = int((vocab_index >= 0).sum())
+        found = np.zeros(self.n_genes, dtype=bool)
+        found[vocab_index[vocab_index >= 0]] = True
+        alignment = GeneAlignment(
+            vocab_index=vocab_index,
+            n_matched=n_matched,
+            n_vocab=self.n_genes,
+            matched_by=matched_by,
+            missing=[self.gene_symbols[i] for i in np.flatnonzero(~found)],
+        )
+        threshold = self.min_gene_overlap if min_gene_overlap is None else min_gene_overlap
+        if alignment.fraction < threshold:
+            raise ValueError(
+                f"gene overlap too low: {alignment}, below the required {100 * threshold:.0f}%. "
+                "Check that the input uses the same gene naming (symbols vs Ensembl ids) and species "
+                "as the model, or lower min_gene_overlap."
+            )
+        logger.info(f"Gene alignment: {alignment}.")
+        return alignment
+
+    def normalize(self, values: np.ndarray, library_size: np.ndarray | None = None) -> np.ndarray:
+        """Normalise panel values.
+
+        Args:
+            values: (n_cells, G) in panel order: raw counts for ``input_kind="counts"``,
+                log-normalised values for ``"log1p"``.
+            library_size: (n_cells,) total counts of each cell over all its genes (not only the
+                panel's); defaults to ``values.sum(1)``. Ignored for ``"log1p"``.
+
+        Returns:
+            (n_cells, G) float32: ``log1p(values / library_size * target_sum)`` for counts,
+            the values unchanged for log1p.
+        """
+        values = np.asarray(values, dtype=np.float32)
+        self.check_values(values)
+        if self.input_kind == "log1p":
+            return values
+        if library_size is None:
+            library_size = values.sum(axis=1)
+        library_size = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
+        scale = np.divide(self.target_sum, library_size, out=np.zeros_like(library_size), where=library_size > 0)
+        return np.log1p(values * scale).astype(np.float32)
+
+    def check_values(self, values) -> None:
+        """Raise ``ValueError`` for NaN/inf, negative values, or non-integer counts."""
+        stored = _stored_values(values)
+        if stored.size == 0:
+            return
+        if not np.isfinite(stored).all():
+            raise ValueError("the expression matrix contains NaN or infinite values.")
+        if (stored < 0).any():
+            raise ValueError(f"the expression matrix contains negative values (minimum {stored.min():.3g}).")
+        if self.input_kind == "counts" and not np.array_equal(stored, np.round(stored)):
+            raise ValueError(
+                "the processor expects raw integer counts (input_kind='counts') but the matrix has "
+                "non-integer values; pass raw counts (e.g. layer='counts') or use input_kind='log1p'."
+            )
+
+    # -----------------------------------------------------------------------------------------
+    # Cells -> model inputs
+    # -----------------------------------------------------------------------------------------
+
+    def _read_anndata(self, adata, layer: str | None, use_raw: bool | None):
+        use_raw = self.use_raw if use_raw is None else use_raw
+        layer = self.layer if layer is None else layer
+        if use_raw:
+            if adata.raw is None:
+                raise ValueError("use_raw=True but the AnnData has no .raw.")
+            matrix, var, names = adata.raw.X, adata.raw.var, adata.raw.var_names
+        elif layer is not None:
+            if layer not in adata.layers:
+                raise ValueError(f"layer {layer!r} not found; AnnData layers: {list(adata.layers.keys())}.")
+            matrix, var, names = adata.layers[layer], adata.var, adata.var_names
+        else:
+            matrix, var, names = adata.X, adata.var, adata.var_names
+        gene_ids = None
+        if self.gene_id_key is not None and self.gene_id_key in var.columns:
+            gene_ids = [str(v) for v in var[self.gene_id_key]]
+        return matrix, [str(n) for n in names], gene_ids
+
+    def __call__(
+        self,
+        cells,
+        gene_names: Sequence[str] | None = None,
+        gene_ids: Sequence[str] | None = None,
+        layer: str | None = None,
+        use_raw: bool | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Cells -> model inputs.
+
+        Args:
+            cells: an AnnData, or a (n_cells, n_input_genes) numpy / scipy-sparse / torch matrix.
+            gene_names: the matrix's gene names (required for a matrix unless it already has
+                exactly the panel's genes in panel order).
+
+        Returns:
+            ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
+            (n_cells, G) int64 (1 = gene measured in the input; missing genes are zero-filled).
+        """
+        if hasattr(cells, "var_names") and hasattr(cells, "obs_names"):
+            matrix, names, ids = self._read_anndata(cells, layer, use_raw)
+            gene_names = names if gene_names is None else gene_names
+            gene_ids = ids if gene_ids is None else gene_ids
+        else:
+            matrix = cells.detach().cpu().numpy() if hasattr(cells, "detach") else cells
+            if not _is_sparse(matrix):
+                matrix = np.asarray(matrix)
+            if matrix.ndim != 2:
+                raise ValueError(f"cells must be a 2-D (cells, genes) matrix, got shape {matrix.shape}.")
+            if gene_names is None:
+                if matrix.shape[1] != self.n_genes:
+                    raise ValueError(
+                        f"a matrix with {matrix.shape[1]} genes needs gene_names= to align it to the "
+                        f"{self.n_genes}-gene panel."
+                    )
+                gene_names = self.gene_symbols
+        if len(gene_names) != matrix.shape[1]:
+            raise ValueError(f"{len(gene_names)} gene names for a matrix with {matrix.shape[1]} genes.")
+        if not _is_sparse(matrix) and not np.issubdtype(np.asarray(matrix).dtype, np.number):
+            raise ValueError(f"the expression matrix must be numeric, got dtype {np.asarray(matrix).dtype}.")
+        self.check_values(matrix)
+        alignment = self.align_genes(gene_names, gene_ids)
+
+        library_size = np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
+        columns = np.flatnonzero(alignment.vocab_index >= 0)
+        selected = matrix.tocsc()[:, columns].toarray() if _is_sparse(matrix) else np.asarray(matrix)[:, columns]
+        panel = np.zeros((matrix.shape[0], self.n_genes), dtype=np.float32)
+        panel[:, alignment.vocab_index[columns]] = selected
+        expression = self.normalize(panel, library_size)
+        attention_mask = np.broadcast_to(alignment.measured.astype(np.int64), panel.shape).copy()
+        return BatchFeature(
+            data={"expression": expression, "attention_mask": attention_mask}, tensor_type=return_tensors
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Gene graph
+    # -----------------------------------------------------------------------------------------
+
+    def build_gene_graph(
+        self,
+        expression,
+        k: int,
+        max_cells: int = 5000,
+        block_size: int = 1024,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """The gene–gene kNN graph from **training cells only**.
+
+        Similarity is the cosine of two genes' normalised expression across cells. Each gene
+        keeps itself and its most similar genes; the graph is then symmetrised (an edge in either
+        direction counts for both genes) and each row keeps its ``k`` most similar neighbours.
+        Genes never expressed in these cells have only themselves.
+
+        Args:
+            expression: (n_cells, G) normalised panel values (the processor's ``expression``).
+            k: neighbours per gene, itself included (the model's ``knn_k``).
+            max_cells: cells sampled (seeded) to bound the cost.
+
+        Returns:
+            (G, k) int64 neighbour table, ``-1`` = padding.
+        """
+        values = expression.detach().cpu().numpy() if hasattr(expression, "detach") else np.asarray(expression)
+        if values.ndim != 2 or values.shape[1] != self.n_genes:
+            raise ValueError(f"expression must have shape (n_cells, {self.n_genes}), got {values.shape}.")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        if values.shape[0] > max_cells:
+            rows = np.random.default_rng(seed).choice(values.shape[0], size=max_cells, replace=False)
+            values = values[np.sort(rows)]
+        values = values.astype(np.float32)
+        norms = np.linalg.norm(values, axis=0)  # (G,)
+        expressed = norms > 0
+        unit = values / np.where(expressed, norms, 1.0)
+        n_genes = self.n_genes
+        width = min(k, n_genes)
+
+        sources, targets, similarities = [], [], []
+        for start in range(0, n_genes, block_size):
+            stop = min(start + block_size, n_genes)
+            block = unit[:, start:stop].T @ unit  # (block, G) cosine similarities
+            block[:, ~expressed] = -np.inf
+            block[~expressed[start:stop]] = -np.inf
+            block[np.arange(stop - start), np.arange(start, stop)] = np.inf  # self always first
+            top = np.argpartition(-block, width - 1, axis=1)[:, :width]  # (block, width)
+            top_similarity = np.take_along_axis(block, top, axis=1)
+            keep = np.isfinite(top_similarity) | (top == np.arange(start, stop)[:, None])
+            rows = np.repeat(np.arange(start, stop), width).reshape(-1, width)
+            sources.append(rows[keep])
+            targets.append(top[keep])
+            similarities.append(top_similarity[keep])
+        sources, targets, similarities = map(np.concatenate, (sources, targets, similarities))
+
+        # Symmetrise: each edge also counts for its other end.
+        all_sources = np.concatenate([sources, targets])
+        all_targets = np.concatenate([targets, sources])
+        all_similarities = np.concatenate([similarities, similarities])
+        order = np.lexsort((-all_similarities, all_targets, all_sources))
+        all_sources, all_targets, all_similarities = all_sources[order], all_targets[order], all_similarities[order]
+        first = np.ones(len(all_sources), dtype=bool)
+        first[1:] = (all_sources[1:] != all_sources[:-1]) | (all_targets[1:] != all_targets[:-1])
+        all_sources, all_targets, all_similarities = all_sources[first], all_targets[first], all_similarities[first]
+        order = np.lexsort((-all_similarities, all_sources))
+        all_sources, all_targets = all_sources[order], all_targets[order]
+        row_start = np.searchsorted(all_sources, np.arange(n_genes))
+        rank = np.arange(len(all_sources)) - row_start[all_sources]
+        keep = rank < k
+        table = np.full((n_genes, k), -1, dtype=np.int64)
+        table[all_sources[keep], rank[keep]] = all_targets[keep]
+        return table
+
+
+__all__ = ["ScrnaLongformerProcessor", "GeneAlignment"]

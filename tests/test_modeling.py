@@ -1,0 +1,302 @@
+"""The model: Auto classes, kNN == dense, sparse memory, masking, heads and bad input."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+import scrnalf_hf  # noqa: F401  (registers the Auto classes)
+from scrnalf_hf import (
+    ScrnaLongformerConfig,
+    ScrnaLongformerForCellClassification,
+    ScrnaLongformerForMaskedGeneModeling,
+    ScrnaLongformerModel,
+)
+from scrnalf_hf.modeling_scrnalf import linear_attention
+
+
+def small_config(**overrides) -> ScrnaLongformerConfig:
+    settings = dict(
+        n_genes=48, d_model=16, depth=2, n_heads=2, knn_k=6, hidden_dropout=0.0, id2label={0: "B", 1: "T", 2: "NK"}
+    )
+    settings.update(overrides)
+    return ScrnaLongformerConfig(**settings)
+
+
+def random_graph(n_genes: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A random (G, k) table: itself first, random distinct neighbours, and -1 padding in some rows."""
+    rows = []
+    for gene in range(n_genes):
+        others = [g for g in torch.randperm(n_genes, generator=generator).tolist() if g != gene]
+        n_real = int(torch.randint(1, k + 1, (1,), generator=generator))
+        rows.append([gene] + others[: n_real - 1] + [-1] * (k - n_real))
+    return torch.tensor(rows)
+
+
+def test_auto_classes_resolve_to_project_classes():
+    config = AutoConfig.for_model("scrna_longformer", n_genes=20, d_model=8, n_heads=2, knn_k=4)
+    assert isinstance(config, ScrnaLongformerConfig)
+    assert type(AutoModel.from_config(config)) is ScrnaLongformerModel
+    assert type(AutoModelForMaskedLM.from_config(config)) is ScrnaLongformerForMaskedGeneModeling
+    assert type(AutoModelForSequenceClassification.from_config(config)) is ScrnaLongformerForCellClassification
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_knn_matches_dense_forward_and_backward_with_cls_and_padding(seed):
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config = small_config()
+    model = ScrnaLongformerForCellClassification(config).eval()
+    model.scrna_longformer.set_gene_graph(random_graph(config.n_genes, config.knn_k, generator))
+    expression = torch.rand(4, config.n_genes, generator=generator) * 6
+    attention_mask = (torch.rand(4, config.n_genes, generator=generator) > 0.3).long()
+    labels = torch.tensor([0, 1, 2, 1])
+
+    results = {}
+    for attention_type in ("knn", "dense"):
+        model.config.attention_type = attention_type
+        model.zero_grad()
+        output = model(expression, attention_mask=attention_mask, labels=labels, output_attentions=True)
+        output.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[attention_type] = (output, gradients)
+
+    knn, dense = results["knn"], results["dense"]
+    torch.testing.assert_close(knn[0].logits, dense[0].logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(knn[0].cell_embedding, dense[0].cell_embedding, rtol=1e-5, atol=1e-5)
+    for layer_knn, layer_dense in zip(knn[0].attentions, dense[0].attentions):
+        assert layer_knn.shape == (4, config.n_heads, config.n_genes, config.knn_k + 1)
+        torch.testing.assert_close(layer_knn, layer_dense, rtol=1e-5, atol=1e-6)
+    assert knn[1].keys() == dense[1].keys() and len(knn[1]) > 10
+    for name in knn[1]:
+        torch.testing.assert_close(knn[1][name], dense[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_never_reaches_unmeasured_genes_or_padding():
+    torch.manual_seed(0)
+    config = small_config(depth=1)
+    model = ScrnaLongformerModel(config).eval()
+    graph = random_graph(config.n_genes, config.knn_k, torch.Generator().manual_seed(3))
+    model.set_gene_graph(graph)
+    attention_mask = torch.ones(2, config.n_genes, dtype=torch.long)
+    attention_mask[:, ::3] = 0
+    with torch.no_grad():
+        output = model(torch.rand(2, config.n_genes), attention_mask=attention_mask, output_attentions=True)
+    weights = output.attentions[0]
+    neighbor_weights = weights[..., :-1]  # (b, h, G, k)
+    unmeasured = (attention_mask[:, graph.clamp(min=0)] == 0) | (graph < 0)  # (b, G, k)
+    assert float(neighbor_weights.masked_select(unmeasured[:, None].expand_as(neighbor_weights)).abs().max()) == 0.0
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operator produces, and every tensor with two or more
+    dimensions of at least ``n_genes`` (a gene × gene tensor)."""
+
+    def __init__(self, n_genes: int):
+        super().__init__()
+        self.n_genes = n_genes
+        self.largest = 0
+        self.largest_shape = None
+        self.gene_by_gene_shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(tensor, torch.Tensor) and tensor.numel() > self.largest:
+                self.largest, self.largest_shape = tensor.numel(), tuple(tensor.shape)
+            if isinstance(tensor, torch.Tensor) and sum(size >= self.n_genes for size in tensor.shape) >= 2:
+                self.gene_by_gene_shapes.append(tuple(tensor.shape))
+        return result
+
+
+def test_knn_forward_at_16000_genes_allocates_only_order_g_k_d():
+    n_genes, k, d_model = 16_000, 16, 32
+    config = ScrnaLongformerConfig(n_genes=n_genes, d_model=d_model, depth=1, n_heads=2, knn_k=k, mlp_ratio=2)
+    model = ScrnaLongformerModel(config).eval()
+    expression = torch.rand(1, n_genes)
+    with torch.inference_mode(), LargestTensor(n_genes) as tracker:
+        model(expression)
+    bound = 2 * (n_genes + 1) * k * d_model  # O(G·k·d), batch 1, with a factor of 2 of slack
+    assert tracker.largest <= bound, f"largest tensor {tracker.largest_shape} has {tracker.largest:,} elements"
+    assert tracker.gene_by_gene_shapes == []
+
+
+def test_memory_tracker_catches_the_dense_gene_by_gene_mask():
+    """The tracker above can fail: dense attention does build a (1 + G)² tensor."""
+    n_genes = 1_000
+    config = ScrnaLongformerConfig(n_genes=n_genes, d_model=16, depth=1, n_heads=2, knn_k=8, attention_type="dense")
+    model = ScrnaLongformerModel(config).eval()
+    with torch.inference_mode(), LargestTensor(n_genes) as tracker:
+        model(torch.rand(1, n_genes))
+    assert tracker.largest >= n_genes * n_genes
+    assert (1, 1, n_genes + 1, n_genes + 1) in tracker.gene_by_gene_shapes
+
+
+def test_linear_attention_equals_explicit_kernel_attention():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 11, 4, generator=generator) for _ in range(3))
+    key_mask = torch.ones(2, 11, dtype=torch.bool)
+    key_mask[1, 5:] = False
+    output, weights = linear_attention(query, key, value, torch.zeros(10, 2, dtype=torch.long), key_mask)
+    similarity = (torch.nn.functional.elu(query) + 1) @ (torch.nn.functional.elu(key) + 1).transpose(-1, -2)
+    similarity = similarity * key_mask[:, None, None, :]
+    expected = (similarity / similarity.sum(-1, keepdim=True)) @ value
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    assert weights is None
+    with pytest.raises(ValueError, match="linear"):
+        linear_attention(query, key, value, torch.zeros(10, 2, dtype=torch.long), key_mask, output_attentions=True)
+
+
+def test_linear_model_trains():
+    torch.manual_seed(0)
+    model = ScrnaLongformerForCellClassification(small_config(attention_type="linear"))
+    output = model(torch.rand(3, 48), labels=torch.tensor([0, 1, 2]))
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_masked_gene_modelling_hides_masked_values_from_the_input():
+    torch.manual_seed(0)
+    config = small_config()
+    model = ScrnaLongformerForMaskedGeneModeling(config).eval()
+    expression = torch.rand(2, config.n_genes) * 4
+    masked = torch.zeros(2, config.n_genes, dtype=torch.bool)
+    masked[:, 5:15] = True
+    changed = expression.clone()
+    changed[masked] = changed[masked] + 3.0  # change only the hidden values
+    first = model(expression, masked_positions=masked)
+    second = model(changed, masked_positions=masked, labels=expression)
+    torch.testing.assert_close(first.logits, second.logits)
+    torch.testing.assert_close(first.loss, second.loss)
+    # and the unmasked values do reach the model
+    unmasked_change = expression.clone()
+    unmasked_change[:, 30] += 3.0
+    assert not torch.allclose(model(unmasked_change, masked_positions=masked).logits, first.logits)
+
+
+def test_masked_gene_modelling_scores_only_masked_genes():
+    torch.manual_seed(0)
+    config = small_config()
+    model = ScrnaLongformerForMaskedGeneModeling(config).eval()
+    expression = torch.rand(2, config.n_genes)
+    masked = torch.zeros(2, config.n_genes, dtype=torch.bool)
+    masked[:, :4] = True
+    labels = expression.clone()
+    loss = model(expression, masked_positions=masked, labels=labels).loss
+    labels[:, 10:] += 100.0  # unscored genes
+    torch.testing.assert_close(model(expression, masked_positions=masked, labels=labels).loss, loss)
+    labels[:, 0] += 100.0  # a scored gene
+    assert model(expression, masked_positions=masked, labels=labels).loss > loss + 100
+
+
+def test_sampled_masks_follow_mask_ratio_and_skip_unmeasured_genes():
+    torch.manual_seed(0)
+    config = small_config(n_genes=400, mask_ratio=0.25)
+    model = ScrnaLongformerForMaskedGeneModeling(config)
+    attention_mask = torch.ones(8, 400, dtype=torch.long)
+    attention_mask[:, :100] = 0
+    masked = model(torch.rand(8, 400), attention_mask=attention_mask).masked_positions
+    assert not masked[:, :100].any()
+    assert abs(masked[:, 100:].float().mean().item() - 0.25) < 0.03
+
+
+def test_class_weights_change_the_classification_loss():
+    torch.manual_seed(0)
+    unweighted = ScrnaLongformerForCellClassification(small_config()).eval()
+    weighted = ScrnaLongformerForCellClassification(small_config(class_weights=[1.0, 1.0, 10.0])).eval()
+    weighted.load_state_dict(unweighted.state_dict())
+    expression, labels = torch.rand(6, 48), torch.tensor([0, 1, 2, 0, 1, 2])
+    logits = unweighted(expression).logits
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([1.0, 1.0, 10.0]))
+    torch.testing.assert_close(weighted(expression, labels=labels).loss, expected)
+    assert not torch.allclose(unweighted(expression, labels=labels).loss, expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = ScrnaLongformerForCellClassification(small_config())
+    expression, labels = torch.rand(3, 48), torch.tensor([0, 1, 2])
+    model(expression, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(plain) > 10
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.scrna_longformer.encoder.layers[0].gradient_checkpointing
+    model(expression, labels=labels).loss.backward()
+    for name, gradient in plain.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, gradient, msg=name)
+
+
+def test_a_fresh_model_runs_with_its_default_gene_graph():
+    model = AutoModel.from_config(small_config())
+    graph = model.gene_neighbors
+    assert graph.shape == (48, 6)
+    assert all(gene in graph[gene].tolist() for gene in range(48))
+    output = model(torch.rand(2, 48))
+    assert output.last_hidden_state.shape == (2, 49, 16) and output.cell_embedding.shape == (2, 16)
+
+
+def test_gene_graph_is_saved_and_loaded_with_the_weights(tmp_path):
+    model = ScrnaLongformerForCellClassification(small_config()).eval()
+    graph = random_graph(48, 6, torch.Generator().manual_seed(7))
+    model.scrna_longformer.set_gene_graph(graph)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.scrna_longformer.gene_neighbors, graph)
+    expression = torch.rand(2, 48)
+    torch.testing.assert_close(loaded(expression).logits, model(expression).logits)
+
+
+@pytest.mark.parametrize(
+    ("expression", "error", "message"),
+    [
+        (torch.ones(2, 48, dtype=torch.long), TypeError, "floating-point"),
+        (torch.ones(2, 47), ValueError, r"shape \(batch, n_genes=48\)"),
+        (torch.ones(48), ValueError, "shape"),
+        (torch.full((2, 48), float("nan")), ValueError, "NaN"),
+        (torch.full((2, 48), float("inf")), ValueError, "infinite"),
+        (-torch.ones(2, 48), ValueError, "negative"),
+    ],
+)
+def test_bad_expression_is_rejected_with_a_named_problem(expression, error, message):
+    model = ScrnaLongformerModel(small_config())
+    with pytest.raises(error, match=message):
+        model(expression)
+
+
+@pytest.mark.parametrize(
+    ("graph", "message"),
+    [
+        (torch.full((48, 6), 48), "out of range"),
+        (torch.full((48, 6), -2), "out of range"),
+        (torch.zeros(48, 5, dtype=torch.long), "shape"),
+        (torch.zeros(48, 6), "integers"),
+        (torch.tensor([[0, 1, 1, 2, 3, 4]] * 48), "same neighbour twice"),
+    ],
+)
+def test_bad_gene_graph_is_rejected(graph, message):
+    model = ScrnaLongformerModel(small_config())
+    with pytest.raises(ValueError, match=message):
+        model.set_gene_graph(graph)
+
+
+def test_bad_labels_and_masks_are_rejected():
+    model = ScrnaLongformerForCellClassification(small_config())
+    with pytest.raises(ValueError, match="class ids"):
+        model(torch.rand(2, 48), labels=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.rand(2, 48), attention_mask=torch.ones(2, 40))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(d_model=10, n_heads=3), "multiple of n_heads"),
+        (dict(mask_ratio=1.5), "mask_ratio"),
+        (dict(class_weights=[1.0]), "class_weights"),
+    ],
+)
+def test_bad_config_is_rejected(overrides, message):
+    with pytest.raises(Exception, match=message):
+        small_config(**overrides)

@@ -1,0 +1,104 @@
+"""Saved folders load through trust_remote_code without scrnalf_hf, and by repo id offline."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from transformers import AutoFeatureExtractor, AutoModelForSequenceClassification
+
+import scrnalf_hf  # noqa: F401
+
+LOAD_AND_EMBED = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    source, output, block_package = sys.argv[1], sys.argv[2], sys.argv[3] == "block"
+    if block_package:
+        sys.modules["scrnalf_hf"] = None  # any import of the package now fails
+    else:
+        import scrnalf_hf  # registers the local classes
+    kwargs = {"trust_remote_code": True} if block_package else {}
+    model = AutoModel.from_pretrained(source, **kwargs).eval()
+    processor = AutoFeatureExtractor.from_pretrained(source, **kwargs)
+    inputs = np.load(sys.argv[4])
+    batch = processor(inputs["counts"], gene_names=list(inputs["genes"]))
+    embedding = model(**batch).cell_embedding.detach().numpy()
+    np.savez(output, embedding=embedding, model_module=type(model).__module__,
+             processor_module=type(processor).__module__)
+    """
+)
+
+
+def run_loader(tmp_path, source: str, block_package: bool, env_overrides: dict | None = None) -> dict:
+    script = tmp_path / "load_and_embed.py"
+    script.write_text(LOAD_AND_EMBED)
+    output = tmp_path / "embedding.npz"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(env_overrides or {})
+    inputs = tmp_path / "inputs.npz"
+    completed = subprocess.run(
+        [sys.executable, str(script), source, str(output), "block" if block_package else "allow", str(inputs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return dict(np.load(output))
+
+
+def local_embedding(folder) -> np.ndarray:
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    processor = AutoFeatureExtractor.from_pretrained(folder)
+    inputs = np.load(folder / "inputs.npz")
+    with torch.no_grad():
+        return model.scrna_longformer(**processor(inputs["counts"], gene_names=list(inputs["genes"]))).cell_embedding.numpy()
+
+
+def test_saved_folder_has_weights_config_processor_and_remote_code(trained_tiny_folder):
+    files = {path.name for path in trained_tiny_folder.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= files
+    assert {"configuration_scrnalf.py", "modeling_scrnalf.py", "processing_scrnalf.py"} <= files
+    auto_map = json.loads((trained_tiny_folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_scrnalf.ScrnaLongformerModel"
+    assert auto_map["AutoModelForSequenceClassification"] == "modeling_scrnalf.ScrnaLongformerForCellClassification"
+    processor_map = json.loads((trained_tiny_folder / "preprocessor_config.json").read_text())["auto_map"]
+    assert processor_map["AutoFeatureExtractor"] == "processing_scrnalf.ScrnaLongformerProcessor"
+
+
+def test_folder_loads_with_trust_remote_code_where_scrnalf_hf_cannot_be_imported(trained_tiny_folder, tmp_path):
+    shutil.copy(trained_tiny_folder / "inputs.npz", tmp_path / "inputs.npz")
+    result = run_loader(tmp_path, str(trained_tiny_folder), block_package=True)
+    assert str(result["model_module"]).startswith("transformers_modules")
+    assert str(result["processor_module"]).startswith("transformers_modules")
+    np.testing.assert_array_equal(result["embedding"], local_embedding(trained_tiny_folder))
+
+
+def lay_out_hub_cache(folder, cache, repo_id: str, commit: str) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns("inputs.npz"))
+
+
+def test_repo_id_loads_offline_from_the_hub_cache(trained_tiny_folder, tmp_path):
+    cache = tmp_path / "hub_cache"
+    lay_out_hub_cache(trained_tiny_folder, cache, "org/scrna-longformer-tiny", "a" * 40)
+    shutil.copy(trained_tiny_folder / "inputs.npz", tmp_path / "inputs.npz")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
+    expected = local_embedding(trained_tiny_folder)
+    with_package = run_loader(tmp_path, "org/scrna-longformer-tiny", block_package=False, env_overrides=offline)
+    assert str(with_package["model_module"]) == "scrnalf_hf.modeling_scrnalf"
+    np.testing.assert_array_equal(with_package["embedding"], expected)
+    remote = run_loader(tmp_path, "org/scrna-longformer-tiny", block_package=True, env_overrides=offline)
+    np.testing.assert_array_equal(remote["embedding"], expected)
