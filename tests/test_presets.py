@@ -36,3 +36,15 @@ def test_unknown_preset_lists_the_available_ones():
 
     with pytest.raises(ValueError, match=r"unknown preset 'huge'.*'default', 'large', 'tiny'"):
         ScrnaLongformerConfig.from_preset("huge")
+
+
+def test_configs_saved_before_the_reserved_fields_existed_still_load(tmp_path):
+    import json
+
+    ScrnaLongformerConfig(n_genes=5, d_model=8, n_heads=2, knn_k=2).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for reserved in ("species", "modalities", "class_weights", "value_encoding", "pooling"):
+        saved.pop(reserved)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.species is None and loaded.modalities is None and loaded.n_genes == 5

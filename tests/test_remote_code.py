@@ -17,7 +17,7 @@ LOAD_AND_EMBED = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor, AutoModel, AutoProcessor
 
     source, output, block_package = sys.argv[1], sys.argv[2], sys.argv[3] == "block"
     if block_package:
@@ -30,8 +30,9 @@ LOAD_AND_EMBED = textwrap.dedent(
     inputs = np.load(sys.argv[4])
     batch = processor(inputs["counts"], gene_names=list(inputs["genes"]))
     embedding = model(**batch).cell_embedding.detach().numpy()
+    auto_processor = AutoProcessor.from_pretrained(source, **kwargs)
     np.savez(output, embedding=embedding, model_module=type(model).__module__,
-             processor_module=type(processor).__module__)
+             processor_module=type(processor).__module__, auto_processor_module=type(auto_processor).__module__)
     """
 )
 
@@ -79,6 +80,7 @@ def test_folder_loads_with_trust_remote_code_where_scrnalf_hf_cannot_be_imported
     result = run_loader(tmp_path, str(trained_tiny_folder), block_package=True)
     assert str(result["model_module"]).startswith("transformers_modules")
     assert str(result["processor_module"]).startswith("transformers_modules")
+    assert str(result["auto_processor_module"]).startswith("transformers_modules")
     np.testing.assert_array_equal(result["embedding"], local_embedding(trained_tiny_folder))
 
 
