@@ -1,0 +1,143 @@
+"""Classical baselines scored on exactly the same splits and input matrix as the transformer.
+
+Every baseline receives the dense (n_cells, n_genes) matrix that the processor produces for the
+model (same gene panel, same normalisation fitted on the training cells only), is fitted on the
+training cells only, and gets no tuning the transformer lacks: class weighting is one switch
+that applies to every method of a comparison or to none (``class_weighting``).
+
+Methods (``BASELINES``):
+
+- ``majority``: always the most frequent training class — the floor every model must clear.
+- ``logreg``: scikit-learn ``LogisticRegression(max_iter=1000)`` on the matrix as is (the
+  roadmap's champion; 0.826 accuracy / 0.674 macro-F1 on pbmc68k_reduced ``bulk_labels``).
+- ``random_forest``: 300 trees, default depth.
+- ``knn_pca``: PCA to 50 components fitted on the training cells, then 15 nearest neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.dummy import DummyClassifier
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+
+CLASS_WEIGHTINGS = (None, "balanced")
+
+
+def _majority(seed: int, class_weighting: str | None):
+    return DummyClassifier(strategy="most_frequent")
+
+
+def _logreg(seed: int, class_weighting: str | None):
+    return LogisticRegression(max_iter=1000, class_weight=class_weighting, random_state=seed)
+
+
+def _random_forest(seed: int, class_weighting: str | None):
+    return RandomForestClassifier(n_estimators=300, class_weight=class_weighting, random_state=seed, n_jobs=-1)
+
+
+def _knn_pca(seed: int, class_weighting: str | None):
+    if class_weighting is not None:
+        raise ValueError(
+            f"knn_pca has no class weighting, but class_weighting={class_weighting!r} was asked "
+            "for; drop knn_pca from --methods or compare every method without class weights."
+        )
+    return _KnnOnPca(seed)
+
+
+class _KnnOnPca:
+    """PCA (50 components, fitted on training cells) followed by a 15-nearest-neighbour vote."""
+
+    def __init__(self, seed: int, n_components: int = 50, n_neighbors: int = 15):
+        self.seed, self.n_components, self.n_neighbors = seed, n_components, n_neighbors
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> "_KnnOnPca":
+        n_components = min(self.n_components, features.shape[0] - 1, features.shape[1])
+        n_neighbors = min(self.n_neighbors, features.shape[0])
+        self.pipeline = make_pipeline(
+            PCA(n_components=n_components, random_state=self.seed),
+            KNeighborsClassifier(n_neighbors=n_neighbors),
+        ).fit(features, labels)
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.pipeline.predict(features)
+
+
+BASELINES: dict[str, Callable] = {
+    "majority": _majority,
+    "logreg": _logreg,
+    "random_forest": _random_forest,
+    "knn_pca": _knn_pca,
+}
+
+
+@dataclass
+class BaselineResult:
+    """What one baseline fit on one split produced."""
+
+    predictions: np.ndarray  # (n_eval,) predicted class ids
+    train_seconds: float
+    n_parameters: int
+
+
+def count_parameters(estimator) -> int:
+    """Number of fitted numbers the estimator needs to predict (its size, for the comparison table).
+
+    Logistic regression: coefficients + intercepts. Random forest: total tree nodes (each holds
+    a split or a leaf value). kNN on PCA: PCA components and mean + the stored projected training
+    cells. Majority class: 1.
+    """
+    if isinstance(estimator, LogisticRegression):
+        return int(estimator.coef_.size + estimator.intercept_.size)
+    if isinstance(estimator, RandomForestClassifier):
+        return int(sum(tree.tree_.node_count for tree in estimator.estimators_))
+    if isinstance(estimator, _KnnOnPca):
+        pca, knn = estimator.pipeline[0], estimator.pipeline[1]
+        return int(pca.components_.size + pca.mean_.size + knn.n_samples_fit_ * pca.n_components_)
+    if isinstance(estimator, DummyClassifier):
+        return 1
+    raise TypeError(f"no parameter count defined for {type(estimator).__name__}.")
+
+
+def fit_baseline(
+    name: str,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    eval_features: np.ndarray,
+    *,
+    seed: int = 0,
+    class_weighting: str | None = None,
+) -> BaselineResult:
+    """Fit baseline ``name`` on the training cells and predict the evaluation cells.
+
+    Args:
+        name: a key of ``BASELINES``.
+        train_features: (n_train, n_genes) float matrix, the processor's output for training cells.
+        train_labels: (n_train,) int class ids.
+        eval_features: (n_eval, n_genes) float matrix from the same processor.
+        seed: random state of the estimator.
+        class_weighting: ``None`` or ``"balanced"``; must be the same for every method compared.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}.")
+    if class_weighting not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {class_weighting!r}.")
+    if train_features.shape[1] != eval_features.shape[1]:
+        raise ValueError(
+            f"training and evaluation matrices must share the gene panel; got "
+            f"{train_features.shape[1]} and {eval_features.shape[1]} genes."
+        )
+    estimator = BASELINES[name](seed, class_weighting)
+    start = time.perf_counter()
+    estimator.fit(train_features, train_labels)
+    train_seconds = time.perf_counter() - start
+    predictions = np.asarray(estimator.predict(eval_features), dtype=np.int64)
+    return BaselineResult(predictions, train_seconds, count_parameters(estimator))
