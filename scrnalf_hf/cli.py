@@ -143,14 +143,18 @@ def _run_demo(args) -> None:
     )
 
 
-def _add_predict(subparsers) -> None:
-    parser = subparsers.add_parser("predict", help="write predicted labels and confidences into an AnnData")
+def _add_model_on_anndata_options(parser) -> None:
     parser.add_argument("--model", required=True, help="model folder or Hub repo id")
     parser.add_argument("--input", required=True, help="input .h5ad")
     parser.add_argument("--output", required=True, help="output .h5ad")
     parser.add_argument("--layer", default=None)
     parser.add_argument("--use-raw", action="store_true")
     parser.add_argument("--batch-size", type=int, default=256)
+
+
+def _add_predict(subparsers) -> None:
+    parser = subparsers.add_parser("predict", help="write predicted labels and confidences into an AnnData")
+    _add_model_on_anndata_options(parser)
     parser.set_defaults(func=_run_predict)
 
 
@@ -162,12 +166,7 @@ def _run_predict(args) -> None:
 
 def _add_embed(subparsers) -> None:
     parser = subparsers.add_parser("embed", help="write cell embeddings into an AnnData (obsm['X_scrnalf'])")
-    parser.add_argument("--model", required=True, help="model folder or Hub repo id")
-    parser.add_argument("--input", required=True, help="input .h5ad")
-    parser.add_argument("--output", required=True, help="output .h5ad")
-    parser.add_argument("--layer", default=None)
-    parser.add_argument("--use-raw", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=256)
+    _add_model_on_anndata_options(parser)
     parser.set_defaults(func=_run_embed)
 
 

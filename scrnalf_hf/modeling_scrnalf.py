@@ -5,8 +5,10 @@ the model's fixed gene panel. Each gene token attends to its ``k`` nearest genes
 kNN graph (a ``(G, k)`` neighbour table saved with the weights) and to CLS; CLS attends to every
 gene. Three interchangeable attention kernels compute this:
 
-- ``knn``: gathers each gene's neighbours' keys and values, O(G·k) time and memory. No tensor of
-  G×G size is ever built.
+- ``knn``: exact sparse attention, O(G·k) time and memory; no tensor of G×G size is ever built.
+  Genes in Cuthill–McKee order are cut into blocks that share their neighbours' keys (dense
+  ``bmm`` under the exact graph mask), or, for graphs without locality, each gene's k
+  neighbours' keys and values are gathered one by one.
 - ``dense``: masked SDPA over the full token set with the same graph as a boolean mask. It is the
   numerical reference for ``knn`` and is O(G²).
 - ``linear``: kernelised global attention (feature map elu + 1), O(G·d²); ignores the graph.

@@ -110,10 +110,16 @@ class LargestTensor(TorchDispatchMode):
         return result
 
 
-def test_knn_forward_at_16000_genes_allocates_only_order_g_k_d():
+@pytest.mark.parametrize("graph", ["window", "scattered"])
+def test_knn_forward_at_16000_genes_allocates_only_order_g_k_d(graph):
+    """Both kNN paths: the block path (a local window graph) and the gather path (neighbours
+    scattered over the whole panel, no locality for blocks to exploit)."""
     n_genes, k, d_model = 16_000, 16, 32
     config = ScrnaLongformerConfig(n_genes=n_genes, d_model=d_model, depth=1, n_heads=2, knn_k=k, mlp_ratio=2)
     model = ScrnaLongformerModel(config).eval()
+    if graph == "scattered":
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n_genes - 1, generator=torch.Generator().manual_seed(0))[: k - 1] + 1])
+        model.set_gene_graph((torch.arange(n_genes).unsqueeze(1) + offsets) % n_genes)
     expression = torch.rand(1, n_genes)
     with torch.inference_mode(), LargestTensor(n_genes) as tracker:
         model(expression)

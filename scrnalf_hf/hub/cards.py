@@ -225,7 +225,7 @@ def _card_metadata(run: TrainingRun, model_name: str, license: str) -> ModelCard
             task_name="Cell-type classification",
             dataset_type=dataset or "custom",
             dataset_name=dataset or "held-out cells of the training dataset",
-            dataset_split="validation",
+            dataset_split="test",
         )
         eval_results = [
             EvalResult(metric_type="accuracy", metric_name="Accuracy", metric_value=round(accuracy, 4), **common),
@@ -262,7 +262,7 @@ def _evaluation(run: TrainingRun) -> tuple[str, str, str]:
             "",
         )
     n_eval = run.results.get("eval_samples") or run.run_info.get("n_eval_cells")
-    split = run.run_info.get("split") or "a held-out validation split"
+    split = run.run_info.get("split") or "held-out test cells"
     intro = (
         f"Measured on {split}"
         + (f" ({n_eval} cells)" if n_eval else "")
