@@ -63,9 +63,7 @@ class ModelArguments:
 
 
 # The recipe: Trainer flags we set unless the command line says otherwise.
-FINETUNE_DEFAULTS = [
-    "--learning_rate", "3e-3",
-    "--num_train_epochs", "40",
+_COMMON_DEFAULTS = [
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "128",
     "--weight_decay", "0.01",
@@ -76,8 +74,6 @@ FINETUNE_DEFAULTS = [
     "--logging_strategy", "epoch",
     "--save_total_limit", "1",
     "--load_best_model_at_end", "true",
-    "--metric_for_best_model", "macro_f1",
-    "--greater_is_better", "true",
     "--report_to", "none",
     "--seed", "0",
     "--dataloader_num_workers", "0",
@@ -85,26 +81,20 @@ FINETUNE_DEFAULTS = [
     "--ddp_find_unused_parameters", "true",
 ]
 
+FINETUNE_DEFAULTS = [
+    *_COMMON_DEFAULTS,
+    "--learning_rate", "3e-3",
+    "--num_train_epochs", "40",
+    "--metric_for_best_model", "macro_f1",
+    "--greater_is_better", "true",
+]
+
 PRETRAIN_DEFAULTS = [
+    *_COMMON_DEFAULTS,
     "--learning_rate", "3e-3",
     "--num_train_epochs", "20",
-    "--per_device_train_batch_size", "32",
-    "--per_device_eval_batch_size", "128",
-    "--weight_decay", "0.01",
-    "--warmup_steps", "0.05",
-    "--lr_scheduler_type", "cosine",
-    "--eval_strategy", "epoch",
-    "--save_strategy", "epoch",
-    "--logging_strategy", "epoch",
-    "--save_total_limit", "1",
-    "--load_best_model_at_end", "true",
     "--metric_for_best_model", "loss",
     "--greater_is_better", "false",
-    "--report_to", "none",
-    "--seed", "0",
-    "--dataloader_num_workers", "0",
-    "--dataloader_pin_memory", "false",
-    "--ddp_find_unused_parameters", "true",
 ]
 
 
