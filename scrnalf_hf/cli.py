@@ -285,11 +285,14 @@ def _add_benchmark(subparsers) -> None:
     sub.add_argument("--preset", default="default")
     sub.add_argument("--n-genes", type=int, default=2000)
     sub.add_argument("--n-cells", type=int, default=10_240, help="simulated cells trained on (>= 10,000 for the epoch estimate)")
-    sub.add_argument("--batch-size", type=int, default=32)
+    sub.add_argument("--batch-size", type=int, default=32, help="cells per optimiser step")
+    sub.add_argument("--micro-batch-size", type=int, default=4, help="cells per forward/backward (gradient accumulation)")
     sub.add_argument("--epoch-cells", type=int, default=100_000)
     sub.add_argument("--baseline-steps", type=int, default=3)
     sub.add_argument("--max-minutes", type=float, default=None, help="stop training at this wall-clock budget")
-    settings["train"] += ["preset", "n_genes", "n_cells", "batch_size", "epoch_cells", "baseline_steps", "max_minutes"]
+    settings["train"] += [
+        "preset", "n_genes", "n_cells", "batch_size", "micro_batch_size", "epoch_cells", "baseline_steps", "max_minutes"
+    ]
 
     sub = add("memory", "time per cell and peak memory from 1,000 to 16,000 genes")
     sub.add_argument("--preset", default="default")
@@ -306,12 +309,26 @@ def _add_benchmark(subparsers) -> None:
     sub.add_argument("--num-proc", type=int, default=1)
     settings["convert"] += ["n_cells", "n_genes", "num_proc"]
 
+    sub = benchmarks.add_parser("report", help="the roadmap targets table from a benchmark folder, into the README")
+    sub.add_argument("--output-dir", required=True, help="folder holding inference/memory/train .json")
+    sub.add_argument("--readme", default=None, help="README to update between <!-- targets:start/end --> markers")
+
     parser.set_defaults(func=_run_benchmark, benchmark_settings=settings)
 
 
 def _run_benchmark(args) -> int:
     from .benchmark import run_benchmark
 
+    if args.benchmark == "report":
+        from .benchmark.targets import targets_table, update_readme
+
+        table = targets_table(args.output_dir)
+        if not table:
+            raise SystemExit(f"scrnalf benchmark report: no inference/memory/train .json in {args.output_dir}.")
+        print(table)
+        if args.readme:
+            update_readme(args.readme, args.output_dir)
+        return 0
     settings = {name: getattr(args, name) for name in args.benchmark_settings[args.benchmark]}
     if settings.get("long_preset") == "none":
         settings["long_preset"] = None

@@ -14,6 +14,7 @@ from transformers import PreTrainedConfig
 ATTENTION_TYPES = ("knn", "dense", "linear")
 POOLING_TYPES = ("cls", "mean")
 VALUE_ENCODINGS = ("multiplicative", "additive")
+KERNEL_IMPLEMENTATIONS = ("compiled", "eager")
 
 
 @strict
@@ -33,6 +34,10 @@ class ScrnaLongformerConfig(PreTrainedConfig):
         knn_k: width of the gene-neighbour table (neighbours per gene, the gene itself included).
         attention_type: ``"knn"`` (sparse, O(G·k)), ``"dense"`` (masked SDPA over the same graph,
             the numerical reference) or ``"linear"`` (kernelised global attention, O(G·d²)).
+        kernel_implementation: how the ``knn`` kernel runs: ``"compiled"`` fuses it with
+            ``torch.compile`` on first use (falling back to eager, with a warning, where no
+            compiler backend is available) or ``"eager"`` (op by op, slower, no compilation).
+            Both give the same numbers; this changes speed only.
         pooling: how the cell embedding is read out: the CLS token or the mean of measured genes.
         value_encoding: how a gene's expression value enters its token. ``"multiplicative"``:
             gene embedding ⊙ (1 + value embedding); ``"additive"``: gene embedding + value
@@ -61,6 +66,7 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     knn_k: int = 16
     attention_type: Literal["knn", "dense", "linear"] = "knn"
+    kernel_implementation: Literal["compiled", "eager"] = "compiled"
     pooling: Literal["cls", "mean"] = "mean"
     value_encoding: Literal["multiplicative", "additive"] = "multiplicative"
     n_value_bins: int = 16
@@ -84,6 +90,10 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}.")
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}.")
+        if self.kernel_implementation not in KERNEL_IMPLEMENTATIONS:
+            raise ValueError(
+                f"kernel_implementation must be one of {KERNEL_IMPLEMENTATIONS}, got {self.kernel_implementation!r}."
+            )
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}.")
         if self.value_encoding not in VALUE_ENCODINGS:

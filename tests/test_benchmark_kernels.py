@@ -1,15 +1,13 @@
-"""The two paths of the knn kernel (blocks over a Cuthill–McKee order, neighbour gathering) give
-dense attention's result; which one runs depends on the graph's locality."""
+"""The knn kernel gives dense attention's result on any graph — local, local in a shuffled
+panel order, or scattered — run eagerly or compiled; and its compiled form falls back cleanly."""
 
+import logging
+
+import pytest
 import torch
 
-from scrnalf_hf.modeling_scrnalf import (
-    _knn_attention_blocked,
-    _knn_attention_gathered,
-    choose_gene_block_layout,
-    default_gene_neighbors,
-    dense_attention,
-)
+import scrnalf_hf.modeling_scrnalf as modeling
+from scrnalf_hf.modeling_scrnalf import CompiledFunction, default_gene_neighbors, dense_attention, knn_attention
 
 
 def random_graph(n_genes: int, k: int, seed: int) -> torch.Tensor:
@@ -24,7 +22,7 @@ def random_graph(n_genes: int, k: int, seed: int) -> torch.Tensor:
 
 
 def shuffled_window_graph(n_genes: int, k: int, seed: int) -> torch.Tensor:
-    """A local graph whose genes are listed in a random panel order: only a reordering finds it."""
+    """A local graph whose genes are listed in a random panel order."""
     relabel = torch.randperm(n_genes, generator=torch.Generator().manual_seed(seed))
     window = default_gene_neighbors(n_genes, k)
     table = torch.empty_like(window)
@@ -33,34 +31,60 @@ def shuffled_window_graph(n_genes: int, k: int, seed: int) -> torch.Tensor:
 
 
 def attention_inputs(n_genes: int, seed: int):
+    """q, k, v (2, 1 + G, 3 heads, 4) token-major, and a key mask with unmeasured genes."""
     generator = torch.Generator().manual_seed(seed)
-    query, key, value = (torch.randn(2, 3, n_genes + 1, 4, generator=generator, requires_grad=True) for _ in range(3))
+    query, key, value = (torch.randn(2, n_genes + 1, 3, 4, generator=generator, requires_grad=True) for _ in range(3))
     key_mask = torch.rand(2, n_genes + 1, generator=generator) > 0.2
     key_mask[:, 0] = True
     return query, key, value, key_mask
 
 
-def test_layout_is_chosen_for_local_graphs_and_refused_for_random_ones():
-    assert choose_gene_block_layout(shuffled_window_graph(300, 8, seed=0)) is not None
-    assert choose_gene_block_layout(random_graph(300, 8, seed=0)) is None
+GRAPHS = {
+    "window": lambda: default_gene_neighbors(150, 8),
+    "shuffled window": lambda: shuffled_window_graph(150, 8, seed=1),
+    "scattered": lambda: random_graph(150, 8, seed=0),
+}
 
 
-def test_blocked_and_gathered_knn_equal_dense_with_weights_and_gradients():
-    n_genes, k = 150, 8
-    graph = shuffled_window_graph(n_genes, k, seed=1)
-    graph[::7, k - 2 :] = -1
-    layout = choose_gene_block_layout(graph)
-    assert layout is not None
-    results = []
-    for kernel in (
-        lambda *a: _knn_attention_blocked(*a[:3], layout, *a[3:]),
-        _knn_attention_gathered,
-        dense_attention,
-    ):
-        query, key, value, key_mask = attention_inputs(n_genes, seed=2)
+@pytest.mark.parametrize("graph_name", list(GRAPHS))
+def test_knn_equals_dense_eager_and_compiled_with_weights_and_gradients(graph_name):
+    graph = GRAPHS[graph_name]()
+    kernels = {"eager": knn_attention, "compiled": CompiledFunction(knn_attention), "dense": dense_attention}
+    results = {}
+    for name, kernel in kernels.items():
+        query, key, value, key_mask = attention_inputs(150, seed=2)
         output, weights = kernel(query, key, value, graph, key_mask, 0.0, True)
         (output.square().sum() + weights.sum()).backward()
-        results.append((output, weights, query.grad, key.grad, value.grad))
-    for result in results[:2]:
-        for got, expected in zip(result, results[2]):
+        results[name] = (output, weights, query.grad, key.grad, value.grad)
+    assert not kernels["compiled"].unavailable
+    for name in ("eager", "compiled"):
+        for got, expected in zip(results[name], results["dense"]):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_function_falls_back_to_eager_when_compilation_fails(monkeypatch, caplog):
+    def broken_compile(function, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(modeling.torch, "compile", broken_compile)
+    kernel = CompiledFunction(knn_attention)
+    graph = random_graph(30, 4, seed=0)
+    query, key, value, key_mask = attention_inputs(30, seed=0)
+    with caplog.at_level(logging.WARNING):
+        output, _ = kernel(query, key, value, graph, key_mask, 0.0, False)
+    assert kernel.unavailable
+    assert "no working C++ compiler" in caplog.text
+    torch.testing.assert_close(output, knn_attention(query, key, value, graph, key_mask)[0])
+
+
+def test_compiled_function_lets_the_callers_own_errors_through():
+    def strict(value):
+        raise ValueError("bad input")
+
+    kernel = CompiledFunction(strict)
+    with pytest.raises(ValueError, match="bad input"):
+        kernel(torch.ones(2))
+    assert not kernel.unavailable

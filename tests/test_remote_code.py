@@ -25,13 +25,20 @@ LOAD_AND_EMBED = textwrap.dedent(
     else:
         import scrnalf_hf  # registers the local classes
     kwargs = {"trust_remote_code": True} if block_package else {}
-    model = AutoModel.from_pretrained(source, **kwargs).eval()
+    # Eager kernels give bit-identical numbers in every process; compiled ones may differ in the
+    # last bit, as torch.compile's code can depend on the shapes compiled before in a process.
+    model = AutoModel.from_pretrained(source, kernel_implementation="eager", **kwargs).eval()
+    compiled_model = AutoModel.from_pretrained(source, **kwargs).eval()
     processor = AutoFeatureExtractor.from_pretrained(source, **kwargs)
     inputs = np.load(sys.argv[4])
     batch = processor(inputs["counts"], gene_names=list(inputs["genes"]))
-    embedding = model(**batch).cell_embedding.detach().numpy()
+    import torch
+
+    with torch.no_grad():  # inference, as local_embedding computes it
+        embedding = model(**batch).cell_embedding.numpy()
+        compiled_embedding = compiled_model(**batch).cell_embedding.numpy()
     auto_processor = AutoProcessor.from_pretrained(source, **kwargs)
-    np.savez(output, embedding=embedding, model_module=type(model).__module__,
+    np.savez(output, embedding=embedding, compiled_embedding=compiled_embedding, model_module=type(model).__module__,
              processor_module=type(processor).__module__, auto_processor_module=type(auto_processor).__module__)
     """
 )
@@ -56,8 +63,8 @@ def run_loader(tmp_path, source: str, block_package: bool, env_overrides: dict |
     return dict(np.load(output))
 
 
-def local_embedding(folder) -> np.ndarray:
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+def local_embedding(folder, kernel_implementation: str = "eager") -> np.ndarray:
+    model = AutoModelForSequenceClassification.from_pretrained(folder, kernel_implementation=kernel_implementation).eval()
     processor = AutoFeatureExtractor.from_pretrained(folder)
     inputs = np.load(folder / "inputs.npz")
     with torch.no_grad():
@@ -82,6 +89,8 @@ def test_folder_loads_with_trust_remote_code_where_scrnalf_hf_cannot_be_imported
     assert str(result["processor_module"]).startswith("transformers_modules")
     assert str(result["auto_processor_module"]).startswith("transformers_modules")
     np.testing.assert_array_equal(result["embedding"], local_embedding(trained_tiny_folder))
+    compiled = local_embedding(trained_tiny_folder, "compiled")
+    np.testing.assert_allclose(result["compiled_embedding"], compiled, rtol=1e-5, atol=1e-6)
 
 
 def lay_out_hub_cache(folder, cache, repo_id: str, commit: str) -> None:
@@ -104,3 +113,4 @@ def test_repo_id_loads_offline_from_the_hub_cache(trained_tiny_folder, tmp_path)
     np.testing.assert_array_equal(with_package["embedding"], expected)
     remote = run_loader(tmp_path, "org/scrna-longformer-tiny", block_package=True, env_overrides=offline)
     np.testing.assert_array_equal(remote["embedding"], expected)
+    np.testing.assert_allclose(remote["compiled_embedding"], expected, rtol=1e-5, atol=1e-6)
