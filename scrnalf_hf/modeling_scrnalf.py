@@ -506,7 +506,18 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
             # at 0.02 the expression signal would start far below what the layers add and small
             # presets collapse to the majority class.
             init.normal_(module.gene_embeddings.weight, mean=0.0, std=1.0)
-            init.normal_(module.value_bins.weight, mean=0.0, std=1.0)
+            if self.config.value_encoding == "multiplicative":
+                # 1 + value embedding starts as the value itself (bin b at value b·value_max/(n-1))
+                # plus small per-dimension noise: a gene's token is then ~ gene embedding × value,
+                # unmeasured-level genes start near zero, and the mean-pooled cell embedding starts
+                # as a random linear projection of the expression profile (unit-scale random bins
+                # instead bury the cell-to-cell signal under a per-gene constant).
+                n_bins = self.config.n_value_bins
+                centres = torch.arange(n_bins, dtype=torch.float32) * (self.config.value_max / (n_bins - 1))
+                noise = 0.1 * torch.randn(n_bins, self.config.d_model)
+                init.copy_(module.value_bins.weight, (centres - 1.0).unsqueeze(1) + noise)
+            else:
+                init.normal_(module.value_bins.weight, mean=0.0, std=1.0)
             init.normal_(module.cls_embedding, mean=0.0, std=1.0)
             init.normal_(module.mask_embedding, mean=0.0, std=1.0)
         elif isinstance(module, ScrnaLongformerModel):

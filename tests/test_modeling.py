@@ -310,3 +310,27 @@ def test_bad_labels_and_masks_are_rejected():
 def test_bad_config_is_rejected(overrides, message):
     with pytest.raises(Exception, match=message):
         small_config(**overrides)
+
+
+def test_inference_in_chunks_of_cells_equals_the_whole_batch(monkeypatch):
+    """Without gradients the batch runs in cache-sized chunks of cells; every output, per layer
+    included, is the whole-batch forward's, in the same order."""
+    import scrnalf_hf.modeling_scrnalf as modeling
+
+    torch.manual_seed(0)
+    config = small_config(kernel_implementation="eager")
+    model = ScrnaLongformerModel(config).eval()
+    expression = torch.rand(5, config.n_genes) * 4
+    attention_mask = (torch.rand(5, config.n_genes) > 0.2).long()
+    whole = model(expression, attention_mask=attention_mask, output_attentions=True, output_hidden_states=True)
+    widest = max(3 * config.d_model, config.intermediate_size)
+    monkeypatch.setattr(modeling, "_INFERENCE_CHUNK_FLOATS", 2 * (config.n_genes + 1) * widest)
+    assert model.inference_chunk_cells() == 2
+    with torch.no_grad():
+        chunked = model(expression, attention_mask=attention_mask, output_attentions=True, output_hidden_states=True)
+    for name in ("last_hidden_state", "cell_embedding"):
+        torch.testing.assert_close(chunked[name], whole[name].detach(), rtol=1e-5, atol=1e-6)
+    for key in ("hidden_states", "attentions"):
+        assert len(chunked[key]) == len(whole[key])
+        for got, expected in zip(chunked[key], whole[key]):
+            torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)

@@ -81,10 +81,16 @@ _COMMON_DEFAULTS = [
     "--ddp_find_unused_parameters", "true",
 ]
 
+# The token embeddings (gene and value embeddings, unit-scale) train at this multiple of
+# --learning_rate in fine-tuning; the layers and the head at --learning_rate itself (see
+# finetune._SeededTrainer).
+EMBEDDING_LR_MULTIPLIER = 10.0
+
 FINETUNE_DEFAULTS = [
     *_COMMON_DEFAULTS,
     "--learning_rate", "3e-3",
     "--num_train_epochs", "40",
+    "--label_smoothing_factor", "0.1",
     "--metric_for_best_model", "macro_f1",
     "--greater_is_better", "true",
 ]

@@ -28,10 +28,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Per-preset recipe for the demo: Trainer flags (see FINETUNE_DEFAULTS for the rest).
+# The token embeddings train at EMBEDDING_LR_MULTIPLIER (10) × these learning rates.
 DEMO_RECIPES = {
-    "tiny": {"num_train_epochs": 30, "learning_rate": 1e-2, "per_device_train_batch_size": 16},
-    "default": {"num_train_epochs": 12, "learning_rate": 1e-3, "per_device_train_batch_size": 16},
-    "large": {"num_train_epochs": 12, "learning_rate": 1e-3, "per_device_train_batch_size": 16},
+    "tiny": {"num_train_epochs": 30, "learning_rate": 3e-3},
+    "default": {"num_train_epochs": 10, "learning_rate": 3e-3},
+    "large": {"num_train_epochs": 10, "learning_rate": 3e-3},
 }
 
 

@@ -45,6 +45,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from ..configuration_scrnalf import ScrnaLongformerConfig
 from ..modeling_scrnalf import ScrnaLongformerForCellClassification
 from ..processing_scrnalf import ScrnaLongformerProcessor
+from .arguments import EMBEDDING_LR_MULTIPLIER
 from .baselines import fit_baseline
 from .cells import (
     CellDataset,
@@ -175,11 +176,43 @@ class FinetuneResult:
 
 class _SeededTrainer(Trainer):
     """Trainer whose loss is the model's own mean over the batch (the model ignores
-    ``num_items_in_batch``, so Trainer must scale for gradient accumulation itself)."""
+    ``num_items_in_batch``, so Trainer must scale for gradient accumulation itself), and whose
+    optimizer gives the token embeddings ``embedding_lr_multiplier`` × the learning rate.
 
-    def __init__(self, *args, **kwargs):
+    Why the embeddings get a larger step: gene and value embeddings are unit-scale (they are not
+    normalised; see ``ScrnaLongformerEmbeddings``), while the layers' weights start at 0.02. Adam
+    moves every weight by about the learning rate per step, so at a rate the layers tolerate
+    (3e-3) the embeddings, which carry the gene-specific signal, change by 0.3 % per step and a
+    few hundred cells train too slowly; a rate that suits the embeddings makes the layers diverge.
+    """
+
+    def __init__(self, *args, embedding_lr_multiplier: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
+        self.embedding_lr_multiplier = float(embedding_lr_multiplier)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.embedding_lr_multiplier == 1.0 or any(g.get("embedding_group") for g in optimizer.param_groups):
+            return optimizer
+        from ..modeling_scrnalf import ScrnaLongformerEmbeddings
+
+        opt_model = self.model if model is None else model
+        embedding_ids = {
+            id(p) for module in opt_model.modules() if isinstance(module, ScrnaLongformerEmbeddings) for p in module.parameters()
+        }
+        moved_groups = []
+        for group in optimizer.param_groups:
+            moved = [p for p in group["params"] if id(p) in embedding_ids]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in embedding_ids]
+                settings = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+                settings["lr"] = group["lr"] * self.embedding_lr_multiplier
+                moved_groups.append({**settings, "params": moved, "embedding_group": True})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        for group in moved_groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
 
 @torch.no_grad()
@@ -276,6 +309,7 @@ def finetune(
         processing_class=processor,
         compute_metrics=make_compute_metrics(cells.n_classes),
         callbacks=trainer_callbacks,
+        embedding_lr_multiplier=EMBEDDING_LR_MULTIPLIER,
     )
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "last"):
