@@ -325,9 +325,12 @@ def _run_benchmark(args) -> int:
         table = targets_table(args.output_dir)
         if not table:
             raise SystemExit(f"scrnalf benchmark report: no inference/memory/train .json in {args.output_dir}.")
-        print(table)
         if args.readme:
-            update_readme(args.readme, args.output_dir)
+            try:
+                update_readme(args.readme, args.output_dir)
+            except (OSError, ValueError) as error:
+                raise SystemExit(f"scrnalf benchmark report: {error}") from None
+        print(table)
         return 0
     settings = {name: getattr(args, name) for name in args.benchmark_settings[args.benchmark]}
     if settings.get("long_preset") == "none":

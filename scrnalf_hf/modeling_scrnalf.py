@@ -605,7 +605,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        step = batch if torch.is_grad_enabled() else self.inference_chunk_cells()
+        step = max(batch, 1) if torch.is_grad_enabled() else self.inference_chunk_cells()
         chunks = [
             self._encode(
                 expression[start : start + step],
@@ -614,7 +614,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
                 output_attentions,
                 output_hidden_states,
             )
-            for start in range(0, batch, step)
+            for start in range(0, max(batch, 1), step)  # an empty batch still gives one (empty) chunk
         ]
         if len(chunks) == 1:
             return chunks[0]

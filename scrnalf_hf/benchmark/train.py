@@ -46,13 +46,14 @@ def _step_function(model, batch_size: int, n_genes: int, micro_batch_size: int):
     cells (as Trainer's ``gradient_accumulation_steps`` does), each micro-batch loss weighted by
     its share of the batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    token_ids = torch.arange(n_genes + 1).expand(micro_batch_size, -1)
 
     def step(expression):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for part in expression.split(micro_batch_size):
             if isinstance(model, _BertRegressor):
-                loss = model(torch.arange(n_genes + 1).expand(part.shape[0], -1), part)
+                loss = model(token_ids[: part.shape[0]], part)
             else:
                 loss = model(expression=part).loss
             (loss * (part.shape[0] / expression.shape[0])).backward()

@@ -43,7 +43,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
-from ..modeling_scrnalf import ScrnaLongformerForCellClassification
+from ..modeling_scrnalf import ScrnaLongformerEmbeddings, ScrnaLongformerForCellClassification
 from ..processing_scrnalf import ScrnaLongformerProcessor
 from .arguments import EMBEDDING_LR_MULTIPLIER
 from .baselines import fit_baseline
@@ -195,8 +195,6 @@ class _SeededTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         if self.embedding_lr_multiplier == 1.0 or any(g.get("embedding_group") for g in optimizer.param_groups):
             return optimizer
-        from ..modeling_scrnalf import ScrnaLongformerEmbeddings
-
         opt_model = self.model if model is None else model
         embedding_ids = {
             id(p) for module in opt_model.modules() if isinstance(module, ScrnaLongformerEmbeddings) for p in module.parameters()
