@@ -88,3 +88,61 @@ def test_compiled_function_lets_the_callers_own_errors_through():
     with pytest.raises(ValueError, match="bad input"):
         kernel(torch.ones(2))
     assert not kernel.unavailable
+
+
+needs_c_kernel = pytest.mark.skipif(
+    not modeling.knn_kernel_available(4, 16, 16), reason="the C kNN kernel needs AVX-512 and a C compiler"
+)
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("graph_name", list(GRAPHS))
+@pytest.mark.parametrize(("heads", "head_dim", "k"), [(4, 16, 8), (2, 32, 16), (1, 16, 5)])
+def test_c_inference_kernel_equals_the_pytorch_knn_kernel(graph_name, heads, head_dim, k):
+    graph = GRAPHS[graph_name]()[:, :k].contiguous()
+    generator = torch.Generator().manual_seed(3)
+    qkv = torch.randn(3, 151, 3, heads, head_dim, generator=generator)
+    key_mask = torch.rand(3, 151, generator=generator) > 0.2
+    key_mask[:, 0] = True
+    key_mask[1, 1:] = False  # a cell whose genes are all unmeasured: every gene attends to CLS only
+    query, key, value = qkv.unbind(2)
+    expected, _ = knn_attention(query, key, value, graph, key_mask)
+    got = torch.ops.scrnalf.knn_attention_inference(qkv, graph, key_mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_c_kernel
+def test_models_use_the_c_kernel_only_for_inference_and_match_eager():
+    from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerModel
+
+    config = ScrnaLongformerConfig(n_genes=150, d_model=32, depth=2, n_heads=2, knn_k=8)
+    compiled = ScrnaLongformerModel(config).eval()
+    compiled.set_gene_graph(random_graph(150, 8, seed=4))
+    eager = ScrnaLongformerModel(ScrnaLongformerConfig(**{**config.to_dict(), "kernel_implementation": "eager"})).eval()
+    eager.load_state_dict(compiled.state_dict())
+    expression = torch.rand(5, 150) * 4
+    layer = compiled.encoder.layers[0]
+    with torch.no_grad():
+        assert layer.uses_inference_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, False)
+        assert not layer.uses_inference_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, True)
+        got, expected = compiled(expression), eager(expression)
+    assert not layer.uses_inference_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, False)  # gradients on
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.cell_embedding, expected.cell_embedding, rtol=1e-5, atol=1e-5)
+
+
+@needs_c_kernel
+def test_without_a_c_compiler_inference_warns_once_and_runs_the_pytorch_kernel(monkeypatch, tmp_path, caplog):
+    import tempfile
+
+    from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerModel
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(modeling, "_knn_kernels", {})
+    model = ScrnaLongformerModel(ScrnaLongformerConfig(n_genes=40, d_model=32, depth=1, n_heads=2, knn_k=8)).eval()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        first, second = model(torch.rand(2, 40)), model(torch.rand(2, 40))
+    assert caplog.text.count("C kNN attention kernel could not be built") == 1
+    assert modeling._knn_kernels == {(2, 16, 8): None}
+    assert torch.isfinite(first.cell_embedding).all() and torch.isfinite(second.cell_embedding).all()

@@ -123,3 +123,21 @@ def test_balanced_class_weights_reach_the_model_config(marker_file, tmp_path):
     weights = result.model.config.class_weights
     assert weights is not None and len(weights) == 3
     assert weights[2] > weights[0]  # the rare class weighs more
+
+
+def test_label_smoothing_keeps_the_class_weights(marker_file, tmp_path):
+    from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerForCellClassification
+    from scrnalf_hf.training.finetune import _SeededTrainer
+
+    config = ScrnaLongformerConfig.from_preset("tiny", n_genes=12, num_labels=3, class_weights=[0.2, 1.0, 5.0])
+    model = ScrnaLongformerForCellClassification(config).eval()
+    args = default_training_args(tmp_path, **{**FAST, "label_smoothing_factor": 0.1, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False})
+    trainer = _SeededTrainer(model=model, args=args)
+    inputs = {"expression": torch.rand(6, 12) * 3, "labels": torch.tensor([0, 0, 1, 1, 2, 2])}
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(expression=inputs["expression"]).logits
+    weighted = torch.nn.functional.cross_entropy(logits, inputs["labels"], weight=torch.tensor([0.2, 1.0, 5.0]), label_smoothing=0.1)
+    unweighted = torch.nn.functional.cross_entropy(logits, inputs["labels"], label_smoothing=0.1)
+    assert torch.allclose(loss, weighted, atol=1e-6)
+    assert not torch.allclose(weighted, unweighted, atol=1e-3)

@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
@@ -176,8 +177,13 @@ class FinetuneResult:
 
 class _SeededTrainer(Trainer):
     """Trainer whose loss is the model's own mean over the batch (the model ignores
-    ``num_items_in_batch``, so Trainer must scale for gradient accumulation itself), and whose
-    optimizer gives the token embeddings ``embedding_lr_multiplier`` × the learning rate.
+    ``num_items_in_batch``, so Trainer must scale for gradient accumulation itself), whose label
+    smoothing keeps the model's class weights, and whose optimizer gives the token embeddings
+    ``embedding_lr_multiplier`` × the learning rate.
+
+    Why the label smoothing is ours: Trainer's own ``--label_smoothing_factor`` takes the labels
+    away from the model and scores the logits without ``config.class_weights``, so a comparison
+    with ``--class-weighting balanced`` would weight the baselines but not the transformer.
 
     Why the embeddings get a larger step: gene and value embeddings are unit-scale (they are not
     normalised; see ``ScrnaLongformerEmbeddings``), while the layers' weights start at 0.02. Adam
@@ -190,6 +196,20 @@ class _SeededTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.embedding_lr_multiplier = float(embedding_lr_multiplier)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.label_smoother is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        weights = self.accelerator.unwrap_model(model).config.class_weights
+        loss = F.cross_entropy(
+            outputs.logits,
+            labels.long(),
+            weight=None if weights is None else torch.tensor(weights, dtype=outputs.logits.dtype, device=labels.device),
+            label_smoothing=self.args.label_smoothing_factor,
+        )
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
