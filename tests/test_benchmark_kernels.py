@@ -97,8 +97,8 @@ needs_c_kernel = pytest.mark.skipif(
 
 @needs_c_kernel
 @pytest.mark.parametrize("graph_name", list(GRAPHS))
-@pytest.mark.parametrize(("heads", "head_dim", "k"), [(4, 16, 8), (2, 32, 16), (1, 16, 5)])
-def test_c_inference_kernel_equals_the_pytorch_knn_kernel(graph_name, heads, head_dim, k):
+@pytest.mark.parametrize(("heads", "head_dim", "k"), [(4, 16, 8), (2, 32, 16), (1, 16, 5), (1, 8, 16), (3, 24, 8)])
+def test_c_c_kernel_equals_the_pytorch_knn_kernel(graph_name, heads, head_dim, k):
     graph = GRAPHS[graph_name]()[:, :k].contiguous()
     generator = torch.Generator().manual_seed(3)
     qkv = torch.randn(3, 151, 3, heads, head_dim, generator=generator)
@@ -107,28 +107,53 @@ def test_c_inference_kernel_equals_the_pytorch_knn_kernel(graph_name, heads, hea
     key_mask[1, 1:] = False  # a cell whose genes are all unmeasured: every gene attends to CLS only
     query, key, value = qkv.unbind(2)
     expected, _ = knn_attention(query, key, value, graph, key_mask)
-    got = torch.ops.scrnalf.knn_attention_inference(qkv, graph, key_mask)
+    got = torch.ops.scrnalf.knn_attention_c(qkv, graph, key_mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @needs_c_kernel
-def test_models_use_the_c_kernel_only_for_inference_and_match_eager():
+def test_models_on_the_c_kernels_match_eager_in_outputs_and_gradients():
     from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerModel
 
-    config = ScrnaLongformerConfig(n_genes=150, d_model=32, depth=2, n_heads=2, knn_k=8)
-    compiled = ScrnaLongformerModel(config).eval()
+    config = ScrnaLongformerConfig(n_genes=150, d_model=32, depth=2, n_heads=2, knn_k=8, hidden_dropout=0.0)
+    compiled = ScrnaLongformerModel(config)
     compiled.set_gene_graph(random_graph(150, 8, seed=4))
-    eager = ScrnaLongformerModel(ScrnaLongformerConfig(**{**config.to_dict(), "kernel_implementation": "eager"})).eval()
+    eager = ScrnaLongformerModel(ScrnaLongformerConfig(**{**config.to_dict(), "kernel_implementation": "eager"}))
     eager.load_state_dict(compiled.state_dict())
     expression = torch.rand(5, 150) * 4
     layer = compiled.encoder.layers[0]
+    assert layer.uses_c_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, False)
+    assert not layer.uses_c_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, True)  # attention weights asked
     with torch.no_grad():
-        assert layer.uses_inference_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, False)
-        assert not layer.uses_inference_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, True)
-        got, expected = compiled(expression), eager(expression)
-    assert not layer.uses_inference_kernel(torch.zeros(1, 151, 32), compiled.gene_neighbors, False)  # gradients on
+        got, expected = compiled.eval()(expression), eager.eval()(expression)
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.cell_embedding, expected.cell_embedding, rtol=1e-5, atol=1e-5)
+    for model in (compiled.train(), eager.train()):
+        output = model(expression)
+        (output.cell_embedding.square().sum() + output.last_hidden_state[:, :7].sum()).backward()
+    for (name, parameter), other in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(parameter.grad, other.grad, rtol=1e-4, atol=1e-5, msg=lambda message: f"{name}: {message}")
+
+
+@needs_c_kernel
+def test_attention_dropout_in_training_runs_the_pytorch_kernel():
+    from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerModel
+
+    model = ScrnaLongformerModel(ScrnaLongformerConfig(n_genes=40, d_model=32, depth=1, n_heads=2, knn_k=8, attention_dropout=0.1))
+    layer = model.encoder.layers[0]
+    assert not layer.train().uses_c_kernel(torch.zeros(1, 41, 32), model.gene_neighbors, False)
+    assert layer.eval().uses_c_kernel(torch.zeros(1, 41, 32), model.gene_neighbors, False)
+
+
+@needs_c_kernel
+def test_c_dropout_masks_keep_the_expected_share_and_follow_the_seed():
+    like = torch.empty(300_000)
+    first = torch.ops.scrnalf.dropout_keep(like, 0.1, torch.tensor(7))
+    assert first.dtype == torch.bool and first.shape == like.shape
+    assert abs(first.float().mean().item() - 0.9) < 0.003
+    assert torch.equal(first, torch.ops.scrnalf.dropout_keep(like, 0.1, torch.tensor(7)))
+    assert not torch.equal(first, torch.ops.scrnalf.dropout_keep(like, 0.1, torch.tensor(8)))
+    assert torch.ops.scrnalf.dropout_keep(like, 0.0, torch.tensor(7)).all()
 
 
 @needs_c_kernel
@@ -146,3 +171,26 @@ def test_without_a_c_compiler_inference_warns_once_and_runs_the_pytorch_kernel(m
     assert caplog.text.count("C kNN attention kernel could not be built") == 1
     assert modeling._knn_kernels == {(2, 16, 8): None}
     assert torch.isfinite(first.cell_embedding).all() and torch.isfinite(second.cell_embedding).all()
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("graph_name", list(GRAPHS))
+@pytest.mark.parametrize(("heads", "head_dim", "k"), [(4, 16, 8), (1, 8, 16), (3, 24, 8)])
+def test_c_kernel_gradients_equal_the_pytorch_knn_kernels(graph_name, heads, head_dim, k):
+    graph = GRAPHS[graph_name]()[:, :k].contiguous()
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(3, 151, 3, heads, head_dim, generator=generator)
+    key_mask = torch.rand(3, 151, generator=generator) > 0.2
+    key_mask[:, 0] = True
+    key_mask[1, 1:] = False
+    upstream = torch.randn(3, 151, heads, head_dim, generator=generator)
+    gradients = {}
+    for name in ("pytorch", "c"):
+        leaf = qkv.clone().requires_grad_(True)
+        if name == "pytorch":
+            output, _ = knn_attention(*leaf.unbind(2), graph, key_mask)
+        else:
+            output = torch.ops.scrnalf.knn_attention_c(leaf, graph, key_mask)
+        (output * upstream).sum().backward()
+        gradients[name] = leaf.grad
+    torch.testing.assert_close(gradients["c"], gradients["pytorch"], rtol=1e-4, atol=1e-5)
