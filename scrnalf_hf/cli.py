@@ -111,6 +111,11 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--config-overrides", default=None, help="config fields for every preset, e.g. pooling=cls")
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--early-stopping-patience", type=int, default=8)
+    parser.add_argument(
+        "--ensemble", type=int, default=1,
+        help="fit each preset this many times per fold (seeds seed, seed+1, ...) and average their class "
+        "probabilities; the row is named <preset>×N",
+    )
     parser.set_defaults(func=_run_compare, accepts_extra_args=True)
 
 

@@ -282,15 +282,18 @@ ATTENTION_KERNELS = {"knn": knn_attention, "dense": dense_attention, "linear": l
 
 
 # ---------------------------------------------------------------------------------------------
-# kNN attention for inference on CPU: a small C kernel (AVX-512), compiled on first use
+# kNN attention on CPU: small C kernels (AVX-512), compiled on first use
 #
 # torch.compile's generated loop for the gather-and-softmax is scalar-bound (a horizontal sum per
 # neighbour and head, softmax over 17 × 4 values in masked vectors): 4.2 ms per 4-cell chunk of
-# the default preset at 2,000 genes on one core. This kernel does the same arithmetic in 1.9 ms
-# and splits rows over every intra-op thread (it runs in torch's own OpenMP pool). It is used only
-# where it is exact to float rounding and needs no autograd: no gradient, no attention dropout,
-# no attention weights requested, float32 on a CPU with AVX-512, and k <= 16. Everywhere else,
-# and wherever a C compiler is missing, ``knn_attention`` runs.
+# the default preset at 2,000 genes on one core; its backward scatter-adds into the neighbours'
+# key and value gradients and does not split over threads. These kernels do the same arithmetic
+# (forward 1.9 ms there) in torch's own OpenMP pool: the forward splits rows over the threads,
+# the backward whole cells, so scatters into a cell's gradients never race. They are used with
+# compiled kernels where they are exact to float rounding: no attention dropout, no attention
+# weights requested, float32 on a CPU with AVX-512, k <= 16 (``ScrnaLongformerLayer.uses_c_kernel``).
+# Everywhere else, and wherever a C compiler is missing, ``knn_attention`` runs. The same library
+# draws dropout masks for compiled graphs (``_dropout``).
 # ---------------------------------------------------------------------------------------------
 
 _KNN_KERNEL_SOURCE = r"""
@@ -300,6 +303,7 @@ _KNN_KERNEL_SOURCE = r"""
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Compiled with -DHEADS=… -DHEAD_DIM=… -DNEIGHBORS=… (NEIGHBORS <= 16). A head's HEAD_DIM values
    span VECTORS 16-lane vectors; the last one is loaded and stored under a lane mask. */
@@ -491,7 +495,7 @@ static inline void backward_pair(const __m512 q[VECTORS], const __m512 grad_out[
 }
 
 /* Backward of scrnalf_knn_attention. out and grad_out: (cells, T, HEADS, HEAD_DIM); grad_qkv:
-   like qkv, zero on entry, receives d loss / d qkv. Each thread takes whole cells, so the
+   like qkv, receives d loss / d qkv. Each thread takes whole cells, so the
    scatter of key and value gradients to neighbours never races. */
 void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, const bool *key_mask,
                                     const float *out, const float *grad_out, float *grad_qkv, int64_t cells,
@@ -502,6 +506,7 @@ void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, 
         const float *base = qkv + cell * n_tokens * 3 * WIDTH;
         float *grad_base = grad_qkv + cell * n_tokens * 3 * WIDTH;
         const bool *mask = key_mask + cell * n_tokens;
+        memset(grad_base, 0, sizeof(float) * (size_t)(n_tokens * 3 * WIDTH));
         for (int64_t gene = 0; gene < n_genes; ++gene) {
             const float *query = base + (1 + gene) * 3 * WIDTH;
             const float *keys[NEIGHBORS];
@@ -516,10 +521,18 @@ void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, 
                 gene_row_weights(q, keys, valid, base + WIDTH, offset, w, &cls_weight);
                 for (int v = 0; v < VECTORS; ++v) { g[v] = LOAD(row_grad + offset, v); grad_q[v] = _mm512_setzero_ps(); }
                 const float delta = dot(g, row_out, offset);
+                __m512 products[16];
+                for (int j = 0; j < 16; ++j) {
+                    if (j >= NEIGHBORS) { products[j] = _mm512_setzero_ps(); continue; }
+                    __m512 sum = _mm512_mul_ps(g[0], LOAD(keys[j] + WIDTH + offset, 0));
+                    for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(g[v], LOAD(keys[j] + WIDTH + offset, v), sum);
+                    products[j] = sum;
+                }
+                float ds[16]; /* d loss / d score: w_j · (grad_out · value_j - grad_out · out) */
+                _mm512_storeu_ps(ds, _mm512_mul_ps(_mm512_loadu_ps(w), _mm512_sub_ps(transpose_sum16(products), _mm512_set1_ps(delta))));
                 for (int j = 0; j < NEIGHBORS; ++j) {
                     if (!((valid >> j) & 1)) continue;
-                    const float ds = w[j] * (dot(g, keys[j] + WIDTH, offset) - delta);
-                    backward_pair(q, g, keys[j], grad_base + (keys[j] - base), grad_q, w[j], ds, scale, offset);
+                    backward_pair(q, g, keys[j], grad_base + (keys[j] - base), grad_q, w[j], ds[j], scale, offset);
                 }
                 const float cls_ds = cls_weight * (dot(g, base + 2 * WIDTH, offset) - delta);
                 backward_pair(q, g, base + WIDTH, grad_base + WIDTH, grad_q, cls_weight, cls_ds, scale, offset);
@@ -644,7 +657,7 @@ def _knn_attention_c_backward_impl(
     batch, n_tokens, _, heads, head_dim = qkv.shape
     qkv, gene_neighbors, key_mask = qkv.contiguous(), gene_neighbors.long().contiguous(), key_mask.bool().contiguous()
     output, grad_output = output.contiguous(), grad_output.contiguous()
-    grad_qkv = torch.zeros_like(qkv)
+    grad_qkv = torch.empty_like(qkv)
     backward(qkv.data_ptr(), gene_neighbors.data_ptr(), key_mask.data_ptr(), output.data_ptr(), grad_output.data_ptr(),
              grad_qkv.data_ptr(), batch, n_tokens, head_dim**-0.5, torch.get_num_threads())
     return grad_qkv
@@ -803,10 +816,14 @@ class CompiledFunction:
 
     def __call__(self, *args, kernel_threads: int = 1):
         """``kernel_threads``: OpenMP threads of the generated CPU kernels, fixed when a graph is
-        first compiled. One by default: torch.compile's kNN gather loops and the backward's
-        scatter-adds over the gene graph ran 2.4× and 1.35× slower split over 2 threads (measured), while
-        the matrix products use every intra-op thread regardless. Elementwise-only graphs gain
-        from more (the default preset's inference ran 1.3× faster with 2 on 2 cores)."""
+        first compiled. One by default: torch.compile's own kNN gather loops and their backward's
+        scatter-adds ran 2.4× and 1.35× slower split over 2 threads (measured), while the matrix
+        products use every intra-op thread regardless. Graphs without them (elementwise ops,
+        reductions, the C kernels) gain from more: the default preset's inference ran 1.3×
+        faster with 2 on 2 cores.
+
+        Random numbers in compiled graphs come from torch's own generator (inductor's
+        ``fallback_random``): its per-element generator made dropout a third of a training step."""
         if self.unavailable or torch.compiler.is_compiling():
             return self.function(*args)
         if self.compiled is None:

@@ -1,5 +1,6 @@
 """The knn kernel gives dense attention's result on any graph — local, local in a shuffled
-panel order, or scattered — run eagerly or compiled; and its compiled form falls back cleanly."""
+panel order, or scattered — run eagerly or compiled; the C kernels give the PyTorch kernel's
+outputs and gradients; and compiled and C forms fall back cleanly."""
 
 import logging
 
@@ -95,16 +96,22 @@ needs_c_kernel = pytest.mark.skipif(
 )
 
 
-@needs_c_kernel
-@pytest.mark.parametrize("graph_name", list(GRAPHS))
-@pytest.mark.parametrize(("heads", "head_dim", "k"), [(4, 16, 8), (2, 32, 16), (1, 16, 5), (1, 8, 16), (3, 24, 8)])
-def test_c_c_kernel_equals_the_pytorch_knn_kernel(graph_name, heads, head_dim, k):
-    graph = GRAPHS[graph_name]()[:, :k].contiguous()
-    generator = torch.Generator().manual_seed(3)
+def c_kernel_inputs(heads: int, head_dim: int, generator: torch.Generator):
+    """qkv (3 cells, 1 + 150 tokens, 3, heads, head_dim) and a key mask with unmeasured genes and
+    one cell whose genes are all unmeasured (every gene then attends to CLS only)."""
     qkv = torch.randn(3, 151, 3, heads, head_dim, generator=generator)
     key_mask = torch.rand(3, 151, generator=generator) > 0.2
     key_mask[:, 0] = True
-    key_mask[1, 1:] = False  # a cell whose genes are all unmeasured: every gene attends to CLS only
+    key_mask[1, 1:] = False
+    return qkv, key_mask
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("graph_name", list(GRAPHS))
+@pytest.mark.parametrize(("heads", "head_dim", "k"), [(4, 16, 8), (2, 32, 16), (1, 16, 5), (1, 8, 16), (3, 24, 8)])
+def test_c_kernel_equals_the_pytorch_knn_kernel(graph_name, heads, head_dim, k):
+    graph = GRAPHS[graph_name]()[:, :k].contiguous()
+    qkv, key_mask = c_kernel_inputs(heads, head_dim, torch.Generator().manual_seed(3))
     query, key, value = qkv.unbind(2)
     expected, _ = knn_attention(query, key, value, graph, key_mask)
     got = torch.ops.scrnalf.knn_attention_c(qkv, graph, key_mask)
@@ -179,10 +186,7 @@ def test_without_a_c_compiler_inference_warns_once_and_runs_the_pytorch_kernel(m
 def test_c_kernel_gradients_equal_the_pytorch_knn_kernels(graph_name, heads, head_dim, k):
     graph = GRAPHS[graph_name]()[:, :k].contiguous()
     generator = torch.Generator().manual_seed(5)
-    qkv = torch.randn(3, 151, 3, heads, head_dim, generator=generator)
-    key_mask = torch.rand(3, 151, generator=generator) > 0.2
-    key_mask[:, 0] = True
-    key_mask[1, 1:] = False
+    qkv, key_mask = c_kernel_inputs(heads, head_dim, generator)
     upstream = torch.randn(3, 151, heads, head_dim, generator=generator)
     gradients = {}
     for name in ("pytorch", "c"):

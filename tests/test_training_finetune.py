@@ -141,3 +141,21 @@ def test_label_smoothing_keeps_the_class_weights(marker_file, tmp_path):
     unweighted = torch.nn.functional.cross_entropy(logits, inputs["labels"], label_smoothing=0.1)
     assert torch.allclose(loss, weighted, atol=1e-6)
     assert not torch.allclose(weighted, unweighted, atol=1e-3)
+
+
+def test_compare_seed_ensemble_fits_each_preset_once_per_seed(marker_file, tmp_path):
+    from scrnalf_hf.training.compare import compare
+
+    cells = load_labelled_cells(marker_file, "cell_type")
+    args = default_training_args(tmp_path / "runs", seed=1, **{**FAST, "num_train_epochs": 2})
+    with pytest.raises(ValueError, match="ensemble"):
+        compare(cells, "tiny", tmp_path, n_folds=3, ensemble=0, training_args=args)
+    result = compare(cells, "tiny,logreg", tmp_path, n_folds=3, seed=1, only_folds=[0], training_args=args,
+                     config_overrides=OVERRIDES, ensemble=2)
+    rows = {row["method"]: row for row in json.loads((tmp_path / "comparison.json").read_text())}
+    assert set(rows) == {"tiny×2", "logreg", "majority"}
+    members = [tmp_path / "runs" / "tiny" / "fold0" / f"seed{seed}" / "model.safetensors" for seed in (1, 2)]
+    first, second = (load_file(member) for member in members)
+    assert rows["tiny×2"]["n_parameters"] == 2 * sum(tensor.numel() for name, tensor in first.items() if name != "scrna_longformer.gene_neighbors")
+    assert not torch.equal(first["classifier.weight"], second["classifier.weight"])  # two seeds, two models
+    assert (result.predictions["tiny×2"][result.folds == 0] >= 0).all()

@@ -23,6 +23,7 @@ Writes into ``output_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -92,6 +93,7 @@ def compare(
     early_stopping_patience: int = 8,
     only_folds: Sequence[int] | None = None,
     keep_models: bool = False,
+    ensemble: int = 1,
 ) -> ComparisonResult:
     """Run every method on the same ``n_folds`` stratified folds (shuffled with ``seed``).
 
@@ -107,6 +109,11 @@ def compare(
         only_folds: score only these folds (0-based) of the ``n_folds`` split, e.g. for a quick
             demo; every method still gets exactly the same folds.
         keep_models: keep each transformer fit (model, processor, test embeddings) in the result.
+        ensemble: fit each transformer preset this many times per fold, with seeds ``seed`` …
+            ``seed + ensemble - 1`` (each also drawing its own validation cells), and predict
+            the class of highest mean probability; the row is named ``<preset>×<ensemble>`` and
+            counts the summed training time and parameters. Baselines are deterministic given
+            their seed and are fitted once.
 
     Raises:
         ValueError: unknown methods, classes too small for ``n_folds``, folds smaller than the
@@ -115,6 +122,8 @@ def compare(
     from .finetune import finetune
 
     method_names = parse_methods(methods)
+    if ensemble < 1 or (ensemble > 1 and keep_models):
+        raise ValueError(f"ensemble must be a positive number of fits (and 1 with keep_models), got {ensemble}.")
     check_labels(cells.labels, cells.label_names, cells.label_key, min_cells=n_folds)
     folds = stratified_folds(cells.labels, n_folds, seed=seed)
     fold_numbers = list(range(n_folds)) if only_folds is None else sorted(set(only_folds))
@@ -126,7 +135,8 @@ def compare(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    predictions = {m: np.full(cells.n_cells, -1, dtype=np.int64) for m in method_names}
+    row_names = {m: m if m in BASELINES or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
+    predictions = {row_names[m]: np.full(cells.n_cells, -1, dtype=np.int64) for m in method_names}
     fold_of_cell = np.full(cells.n_cells, -1, dtype=np.int64)
     fold_models: dict = {}
     started = time.perf_counter()
@@ -145,29 +155,37 @@ def compare(
                 )
                 fold_predictions, seconds, n_parameters = fitted.predictions, fitted.train_seconds, fitted.n_parameters
             else:
-                run_dir = output_dir / "runs" / method / f"fold{fold}"
-                method_args = training_args[method] if isinstance(training_args, dict) else training_args
-                args = _with_output_dir(method_args, run_dir)
-                result = finetune(
-                    cells, train_index, test_index, args, preset=method, config_overrides=config_overrides,
-                    class_weighting=class_weighting, validation_fraction=validation_fraction,
-                    early_stopping_patience=early_stopping_patience,
-                )
-                if result.trainer.is_world_process_zero():
-                    result.trainer.save_model(str(run_dir))
-                    for checkpoint in run_dir.glob("checkpoint-*"):
-                        shutil.rmtree(checkpoint, ignore_errors=True)
-                fold_predictions, seconds, n_parameters = result.predictions, result.train_seconds, result.n_parameters
-                if keep_models:
-                    fold_models.setdefault(method, {})[fold] = result
+                probabilities, seconds, n_parameters = 0.0, 0.0, 0
+                for member in range(ensemble):
+                    run_dir = output_dir / "runs" / method / f"fold{fold}"
+                    if ensemble > 1:
+                        run_dir = run_dir / f"seed{seed + member}"
+                    method_args = training_args[method] if isinstance(training_args, dict) else training_args
+                    args = dataclasses.replace(method_args, output_dir=str(run_dir), seed=method_args.seed + member)
+                    result = finetune(
+                        cells, train_index, test_index, args, preset=method, config_overrides=config_overrides,
+                        class_weighting=class_weighting, validation_fraction=validation_fraction,
+                        early_stopping_patience=early_stopping_patience,
+                    )
+                    if result.trainer.is_world_process_zero():
+                        result.trainer.save_model(str(run_dir))
+                        for checkpoint in run_dir.glob("checkpoint-*"):
+                            shutil.rmtree(checkpoint, ignore_errors=True)
+                    probabilities = probabilities + _softmax(result.logits)
+                    seconds += result.train_seconds
+                    n_parameters += result.n_parameters
+                    if keep_models:
+                        fold_models.setdefault(method, {})[fold] = result
+                fold_predictions = np.asarray(probabilities).argmax(-1)
+            name = row_names[method]
             scores = classification_metrics(cells.labels[test_index], fold_predictions, cells.n_classes, per_class=False)
-            predictions[method][test_index] = fold_predictions
+            predictions[name][test_index] = fold_predictions
             rows.append(
-                {"method": method, "fold": fold, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+                {"method": name, "fold": fold, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
                  "train_seconds": float(seconds), "n_parameters": int(n_parameters)}
             )
             logger.warning(
-                "compare: fold %d %s accuracy %.3f macro-F1 %.3f (%.1f s)", fold, method, scores["accuracy"], scores["macro_f1"], seconds
+                "compare: fold %d %s accuracy %.3f macro-F1 %.3f (%.1f s)", fold, name, scores["accuracy"], scores["macro_f1"], seconds
             )
             (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -179,11 +197,10 @@ def compare(
     return ComparisonResult(rows=rows, predictions=predictions, folds=fold_of_cell, fold_models=fold_models)
 
 
-def _with_output_dir(training_args: TrainingArguments, output_dir: Path) -> TrainingArguments:
-    """A copy of ``training_args`` writing to ``output_dir``."""
-    import dataclasses
-
-    return dataclasses.replace(training_args, output_dir=str(output_dir))
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """(n, classes) logits -> class probabilities."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def default_training_args(output_dir: str | Path, seed: int = 0, **overrides) -> TrainingArguments:
@@ -289,5 +306,5 @@ def run_compare(args) -> ComparisonResult:
         cells, args.methods, args.output_dir, n_folds=args.cv, seed=args.seed, class_weighting=args.class_weighting,
         training_args=training_args, config_overrides=parse_config_overrides(args.config_overrides),
         validation_fraction=args.validation_fraction, early_stopping_patience=args.early_stopping_patience,
-        only_folds=only_folds,
+        only_folds=only_folds, ensemble=args.ensemble,
     )

@@ -156,6 +156,7 @@ class FinetuneResult:
         metrics: test-cell ``accuracy``, ``macro_f1``, ``per_class_f1`` (num_labels,),
             ``confusion_matrix`` (num_labels × num_labels, rows = true class).
         predictions: (n_test,) predicted class ids.
+        logits: (n_test, num_labels) classifier logits of the test cells.
         cell_embeddings: (n_test, d_model) pooled cell embeddings of the test cells.
     """
 
@@ -164,6 +165,7 @@ class FinetuneResult:
     trainer: Trainer
     metrics: dict
     predictions: np.ndarray
+    logits: np.ndarray
     cell_embeddings: np.ndarray
     train_index: np.ndarray
     validation_index: np.ndarray
@@ -347,6 +349,7 @@ def finetune(
         trainer=trainer,
         metrics=metrics,
         predictions=predictions,
+        logits=logits,
         cell_embeddings=embeddings,
         train_index=inner_train,
         validation_index=validation,
