@@ -109,7 +109,10 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-weighting", default=None, choices=["balanced"], help="for every method alike")
     parser.add_argument("--config-overrides", default=None, help="config fields for every preset, e.g. pooling=cls")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1,
+        help="training cells held out to pick the best epoch (0: train on all of them, score the last epoch)",
+    )
     parser.add_argument("--early-stopping-patience", type=int, default=8)
     parser.add_argument(
         "--ensemble", type=int, default=1,

@@ -159,3 +159,14 @@ def test_compare_seed_ensemble_fits_each_preset_once_per_seed(marker_file, tmp_p
     assert rows["tiny×2"]["n_parameters"] == 2 * sum(tensor.numel() for name, tensor in first.items() if name != "scrna_longformer.gene_neighbors")
     assert not torch.equal(first["classifier.weight"], second["classifier.weight"])  # two seeds, two models
     assert (result.predictions["tiny×2"][result.folds == 0] >= 0).all()
+
+
+def test_without_a_validation_split_every_training_cell_trains_and_the_last_epoch_scores(marker_file, tmp_path):
+    cells, train, test = _cells_and_split(marker_file)
+    result = finetune(cells, train, test, default_training_args(tmp_path, **{**FAST, "num_train_epochs": 2}),
+                      preset="tiny", config_overrides=OVERRIDES, validation_fraction=0.0)
+    assert np.array_equal(result.train_index, np.sort(train)) and result.validation_index.size == 0
+    assert not result.trainer.args.load_best_model_at_end
+    assert result.trainer.state.global_step == 2 * int(np.ceil(len(train) / FAST["per_device_train_batch_size"]))
+    assert not any("eval_loss" in entry for entry in result.trainer.state.log_history)
+    assert result.metrics["macro_f1"] > 0

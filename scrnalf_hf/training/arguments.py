@@ -31,7 +31,8 @@ class DataArguments:
     )
     validation_fraction: float = field(
         default=0.1,
-        metadata={"help": "stratified fraction of the training cells used for early stopping / best checkpoint."},
+        metadata={"help": "stratified fraction of the training cells used for early stopping / best checkpoint "
+                  "(0: train on every training cell and score the last epoch)."},
     )
     min_cells_per_label: int | None = field(
         default=None, metadata={"help": "drop classes with fewer cells (default: keep all, reject rare ones)."}

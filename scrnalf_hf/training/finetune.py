@@ -30,6 +30,7 @@ Files written to ``--output-dir`` (all on the main process only):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -273,7 +274,8 @@ def finetune(
     """Fine-tune a classifier on ``train_index`` cells and score it on ``test_index`` cells.
 
     A stratified ``validation_fraction`` of the training cells selects the best checkpoint
-    (``eval_macro_f1``) and drives early stopping. The processor and gene graph see only the
+    (``eval_macro_f1``) and drives early stopping; with ``validation_fraction=0`` every training
+    cell is trained on for the given epochs and the last epoch's model is scored. The processor and gene graph see only the
     remaining training cells. Checks that can fail (labels, split sizes, gene overlap with a saved
     model's panel) run before any training.
 
@@ -291,10 +293,14 @@ def finetune(
         raise ValueError("training and test cells overlap; pass disjoint index arrays.")
     if class_weighting not in (None, "balanced"):
         raise ValueError(f"class_weighting must be None or 'balanced', got {class_weighting!r}.")
+    check_labels(cells.labels[train_index], cells.label_names, cells.label_key, min_cells=2)
+    if validation_fraction == 0:
+        inner_train, validation = np.sort(np.asarray(train_index)), np.array([], dtype=np.int64)
+        training_args = dataclasses.replace(training_args, eval_strategy="no", load_best_model_at_end=False)
+    else:
+        inner_train, validation = stratified_split(train_index, cells.labels, validation_fraction, seed=training_args.seed)
     if not training_args.load_best_model_at_end or training_args.metric_for_best_model not in ("macro_f1", "eval_macro_f1"):
         logger.warning("best-checkpoint selection is off or not on macro_f1; the last epoch's model is scored.")
-    check_labels(cells.labels[train_index], cells.label_names, cells.label_key, min_cells=2)
-    inner_train, validation = stratified_split(train_index, cells.labels, validation_fraction, seed=training_args.seed)
 
     set_seed(training_args.seed)
     if model_name_or_path is not None:
@@ -325,7 +331,8 @@ def finetune(
         model=model,
         args=training_args,
         train_dataset=CellDataset(train_inputs["expression"], train_inputs["attention_mask"], cells.labels[inner_train]),
-        eval_dataset=CellDataset(validation_inputs["expression"], validation_inputs["attention_mask"], cells.labels[validation]),
+        eval_dataset=CellDataset(validation_inputs["expression"], validation_inputs["attention_mask"], cells.labels[validation])
+        if len(validation) else None,
         processing_class=processor,
         compute_metrics=make_compute_metrics(cells.n_classes),
         callbacks=trainer_callbacks,
