@@ -667,14 +667,15 @@ def _knn_attention_c_backward_impl(
 _DROPOUT_LIBRARY = (1, 16, 16)
 
 
-def c_dropout_available() -> bool:
-    """Whether compiled graphs draw dropout masks with the C kernel (AVX-512 and a C compiler)."""
+def c_kernels_available() -> bool:
+    """Whether this machine runs the C kernels (AVX-512 and a working C compiler); compiled
+    graphs then also draw their dropout masks with them."""
     return knn_kernel_available(*_DROPOUT_LIBRARY)
 
 
 def _dropout_keep_impl(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """A bool keep-mask of ``like``'s shape, True with probability 1 - p, fixed by ``seed``."""
-    if not c_dropout_available():
+    if not c_kernels_available():
         raise RuntimeError("the C dropout kernel is not available on this machine.")
     keep = torch.empty(like.shape, dtype=torch.bool, device=like.device)
     _knn_kernels[_DROPOUT_LIBRARY][2](keep.data_ptr(), keep.numel(), int(seed) % 2**64, round(p * 2**32), torch.get_num_threads())
@@ -1175,7 +1176,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         key_mask = torch.cat([gene_mask.new_ones(expression.shape[0], 1), gene_mask], dim=1)  # (b, 1 + G)
         if self.config.kernel_implementation == "compiled":
             threads = torch.get_num_threads()  # elementwise graphs and reductions, no scatter
-            c_dropout = self.training and expression.device.type == "cpu" and c_dropout_available()
+            c_dropout = self.training and expression.device.type == "cpu" and c_kernels_available()
             embed = functools.partial(_COMPILED_EMBED, kernel_threads=threads)
             pool_and_normalize = functools.partial(_COMPILED_POOL_AND_NORMALIZE, kernel_threads=threads)
         else:

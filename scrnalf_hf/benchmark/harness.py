@@ -22,7 +22,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
-from ..modeling_scrnalf import ScrnaLongformerModel, default_gene_neighbors
+from ..modeling_scrnalf import ScrnaLongformerModel, c_kernels_available, default_gene_neighbors
 
 GRAPHS = ("window", "simulated")
 
@@ -41,6 +41,7 @@ def machine_info() -> dict:
         "processor": platform.processor() or platform.machine(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "c_knn_kernels": c_kernels_available(),
     }
 
 
@@ -250,4 +251,5 @@ def conditions_line(info: dict) -> str:
     return (
         f"fp32, {info['threads']} thread(s) on {info['cpu_count']} CPU core(s), torch {info['torch']}, "
         f"OMP_WAIT_POLICY={info['omp_wait_policy']}, 1-min load average at start {info['load_average_1min']:.1f}"
+        + ("" if "c_knn_kernels" not in info else f", C kNN kernels {'on' if info['c_knn_kernels'] else 'off (PyTorch kernels)'}")
     )

@@ -154,10 +154,11 @@ def _markdown(results: dict) -> str:
         "positions (a fresh model's default). Simulated graph: the processor's cosine kNN graph of simulated "
         "cells, whose many noise genes have near-random neighbours. FLOPs count projections, feed-forward and "
         "the attention's useful pairs only. Every scRNA model runs with the defaults a user gets: layers compiled "
-        "with torch.compile (the first call, which compiles, is timed separately as 'first call s' and left out "
-        "of the medians) and, without gradients, cells taken in cache-sized chunks of the batch; the eager row "
-        "shows the same knn model with compilation switched off (kernel_implementation='eager'). The BERT peer "
-        "runs as transformers ships it, eager, whole batch.\n"
+        "with torch.compile around the C kNN kernels where the CPU has AVX-512 and a C compiler is found (the "
+        "first call, which compiles, is timed separately as 'first call s' and left out of the medians) and, "
+        "without gradients, cells taken in cache-sized chunks of the batch; the eager row shows the same knn "
+        "model in eager PyTorch (kernel_implementation='eager'). The BERT peer runs as transformers ships it, "
+        "eager, whole batch.\n"
     )
 
 
