@@ -8,7 +8,8 @@ gene. Three interchangeable attention kernels compute this:
 - ``knn``: exact sparse attention, O(G·k) time and memory; no tensor of G×G size is ever built.
   Each gene gathers its k neighbours' keys and values; ``torch.compile`` fuses the kernel into
   one pass (eager PyTorch is the fallback), so its cost does not depend on how the graph is laid
-  out over the panel. Inference on an AVX-512 CPU runs a small C kernel instead (below).
+  out over the panel. On an AVX-512 CPU small C kernels (below) run it instead, forward and
+  backward.
 - ``dense``: masked SDPA over the full token set with the same graph as a boolean mask. It is the
   numerical reference for ``knn`` and is O(G²).
 - ``linear``: kernelised global attention (feature map elu + 1), O(G·d²); ignores the graph.
@@ -17,8 +18,8 @@ The file reads in the order data flows: gene graph helpers, embeddings, attentio
 attention, layer, encoder, the pretrained base class, the bare model, then the task heads.
 
 This file is copied next to saved weights as remote code: it imports only torch, transformers,
-the Python standard library and the configuration file beside it (the C source of the inference
-kernel is a string in it).
+the Python standard library and the configuration file beside it (the C source of the kNN
+kernels is a string in it).
 """
 
 import ctypes
@@ -346,21 +347,36 @@ static inline __m512 transpose_sum16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* a · b[offset ..] over one head. */
+static inline float dot(const __m512 a[VECTORS], const float *b, int offset) {
+    __m512 sum = _mm512_mul_ps(a[0], LOAD(b + offset, 0));
+    for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(a[v], LOAD(b + offset, v), sum);
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* Lane j = a · rows[j][offset ..] over one head, for the NEIGHBORS rows (0 in unused lanes). */
+static inline __m512 neighbor_dots(const __m512 a[VECTORS], const float *const rows[NEIGHBORS], int offset) {
+    __m512 products[16];
+    for (int j = 0; j < 16; ++j) {
+        if (j >= NEIGHBORS) { products[j] = _mm512_setzero_ps(); continue; }
+        __m512 sum = _mm512_mul_ps(a[0], LOAD(rows[j] + offset, 0));
+        for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(a[v], LOAD(rows[j] + offset, v), sum);
+        products[j] = sum;
+    }
+    return transpose_sum16(products);
+}
+
+/* The first min(count, 16) lanes. */
+static inline __mmask16 first_lanes(int64_t count) {
+    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+}
+
 /* Softmax weights of one gene row and head: lane j of w over neighbour j (0 where invalid), and
    *cls_weight over CLS. q: the row's query, already scaled; keys[j]: neighbour j's key row. */
 static inline void gene_row_weights(const __m512 q[VECTORS], const float *const keys[NEIGHBORS], __mmask16 valid,
                                     const float *cls_key, int offset, float w[16], float *cls_weight) {
-    __m512 products[16];
-    for (int j = 0; j < 16; ++j) {
-        if (j >= NEIGHBORS) { products[j] = _mm512_setzero_ps(); continue; }
-        __m512 sum = _mm512_mul_ps(q[0], LOAD(keys[j] + offset, 0));
-        for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(q[v], LOAD(keys[j] + offset, v), sum);
-        products[j] = sum;
-    }
-    __m512 cls_sum = _mm512_mul_ps(q[0], LOAD(cls_key + offset, 0));
-    for (int v = 1; v < VECTORS; ++v) cls_sum = _mm512_fmadd_ps(q[v], LOAD(cls_key + offset, v), cls_sum);
-    const float cls_score = _mm512_reduce_add_ps(cls_sum);
-    const __m512 scores = transpose_sum16(products);
+    const float cls_score = dot(q, cls_key, offset);
+    const __m512 scores = neighbor_dots(q, keys, offset);
     float maximum = _mm512_mask_reduce_max_ps(valid, scores);
     maximum = cls_score > maximum ? cls_score : maximum;
     __m512 weights = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(maximum))));
@@ -376,16 +392,13 @@ static void cls_row_weights(const __m512 q[VECTORS], const float *base, const bo
                             int offset, float *weights) {
     float maximum = -INFINITY;
     for (int64_t t = 0; t < n_tokens; ++t) {
-        const float *key = base + t * 3 * WIDTH + WIDTH + offset;
-        __m512 sum = _mm512_mul_ps(q[0], LOAD(key, 0));
-        for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(q[v], LOAD(key, v), sum);
-        const float score = mask[t] ? _mm512_reduce_add_ps(sum) : -INFINITY;
+        const float score = mask[t] ? dot(q, base + t * 3 * WIDTH + WIDTH, offset) : -INFINITY;
         weights[t] = score;
         maximum = score > maximum ? score : maximum;
     }
     __m512 total = _mm512_setzero_ps();
     for (int64_t t = 0; t < n_tokens; t += 16) {
-        const __mmask16 lanes = n_tokens - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_tokens - t)) - 1);
+        const __mmask16 lanes = first_lanes(n_tokens - t);
         const __m512 x = _mm512_maskz_loadu_ps(lanes, weights + t);
         const __mmask16 finite = _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
         const __m512 weight = _mm512_maskz_mov_ps(finite, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(maximum))));
@@ -394,7 +407,7 @@ static void cls_row_weights(const __m512 q[VECTORS], const float *base, const bo
     }
     const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
     for (int64_t t = 0; t < n_tokens; t += 16) {
-        const __mmask16 lanes = n_tokens - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_tokens - t)) - 1);
+        const __mmask16 lanes = first_lanes(n_tokens - t);
         _mm512_mask_storeu_ps(weights + t, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, weights + t), inverse));
     }
 }
@@ -475,12 +488,6 @@ void scrnalf_knn_attention(const float *qkv, const int64_t *neighbors, const boo
     }
 }
 
-static inline float dot(const __m512 a[VECTORS], const float *b, int offset) {
-    __m512 sum = _mm512_mul_ps(a[0], LOAD(b + offset, 0));
-    for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(a[v], LOAD(b + offset, v), sum);
-    return _mm512_reduce_add_ps(sum);
-}
-
 /* One attended token's share of the backward: with weight p and d(score) = ds, adds
    ds·scale·key to grad_q, ds·q (q already scaled) to the token's key gradient and p·grad_out
    to its value gradient. */
@@ -521,15 +528,9 @@ void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, 
                 gene_row_weights(q, keys, valid, base + WIDTH, offset, w, &cls_weight);
                 for (int v = 0; v < VECTORS; ++v) { g[v] = LOAD(row_grad + offset, v); grad_q[v] = _mm512_setzero_ps(); }
                 const float delta = dot(g, row_out, offset);
-                __m512 products[16];
-                for (int j = 0; j < 16; ++j) {
-                    if (j >= NEIGHBORS) { products[j] = _mm512_setzero_ps(); continue; }
-                    __m512 sum = _mm512_mul_ps(g[0], LOAD(keys[j] + WIDTH + offset, 0));
-                    for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(g[v], LOAD(keys[j] + WIDTH + offset, v), sum);
-                    products[j] = sum;
-                }
+                const __m512 value_dots = neighbor_dots(g, keys, WIDTH + offset); /* keys[j] + WIDTH: value rows */
                 float ds[16]; /* d loss / d score: w_j · (grad_out · value_j - grad_out · out) */
-                _mm512_storeu_ps(ds, _mm512_mul_ps(_mm512_loadu_ps(w), _mm512_sub_ps(transpose_sum16(products), _mm512_set1_ps(delta))));
+                _mm512_storeu_ps(ds, _mm512_mul_ps(_mm512_loadu_ps(w), _mm512_sub_ps(value_dots, _mm512_set1_ps(delta))));
                 for (int j = 0; j < NEIGHBORS; ++j) {
                     if (!((valid >> j) & 1)) continue;
                     backward_pair(q, g, keys[j], grad_base + (keys[j] - base), grad_q, w[j], ds[j], scale, offset);
@@ -637,12 +638,17 @@ def _kernels_for(qkv: torch.Tensor, gene_neighbors: torch.Tensor):
     return _knn_kernels[(heads, head_dim, k)]
 
 
+def _kernel_layout(qkv: torch.Tensor, gene_neighbors: torch.Tensor, key_mask: torch.Tensor):
+    """The dense layouts and dtypes the C kernels read: float32, int64 and bool, contiguous."""
+    return qkv.contiguous(), gene_neighbors.long().contiguous(), key_mask.bool().contiguous()
+
+
 def _knn_attention_c_impl(qkv: torch.Tensor, gene_neighbors: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """qkv (b, 1 + G, 3, h, dh) float32, gene_neighbors (G, k), key_mask (b, 1 + G) bool ->
     attention output (b, 1 + G, h, dh), as ``knn_attention`` computes it."""
     forward, _, _ = _kernels_for(qkv, gene_neighbors)
     batch, n_tokens, _, heads, head_dim = qkv.shape
-    qkv, gene_neighbors, key_mask = qkv.contiguous(), gene_neighbors.long().contiguous(), key_mask.bool().contiguous()
+    qkv, gene_neighbors, key_mask = _kernel_layout(qkv, gene_neighbors, key_mask)
     output = qkv.new_empty(batch, n_tokens, heads, head_dim)
     forward(qkv.data_ptr(), gene_neighbors.data_ptr(), key_mask.data_ptr(), output.data_ptr(),
             batch, n_tokens, head_dim**-0.5, torch.get_num_threads())
@@ -655,7 +661,7 @@ def _knn_attention_c_backward_impl(
     """d loss / d qkv (b, 1 + G, 3, h, dh) from d loss / d output (b, 1 + G, h, dh)."""
     _, backward, _ = _kernels_for(qkv, gene_neighbors)
     batch, n_tokens, _, heads, head_dim = qkv.shape
-    qkv, gene_neighbors, key_mask = qkv.contiguous(), gene_neighbors.long().contiguous(), key_mask.bool().contiguous()
+    qkv, gene_neighbors, key_mask = _kernel_layout(qkv, gene_neighbors, key_mask)
     output, grad_output = output.contiguous(), grad_output.contiguous()
     grad_qkv = torch.empty_like(qkv)
     backward(qkv.data_ptr(), gene_neighbors.data_ptr(), key_mask.data_ptr(), output.data_ptr(), grad_output.data_ptr(),
@@ -1279,6 +1285,19 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
 
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean cross-entropy of logits (b, num_labels) against class ids (b,), with
+        ``config.class_weights`` if set and the given label smoothing."""
+        if labels.dim() != 1 or int(labels.min()) < 0 or int(labels.max()) >= self.config.num_labels:
+            raise ValueError(
+                f"labels must be a (batch,) tensor of class ids in [0, {self.config.num_labels}), "
+                f"got shape {tuple(labels.shape)} with values {int(labels.min())}..{int(labels.max())}."
+            )
+        weight = None
+        if self.config.class_weights is not None:
+            weight = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
+        return F.cross_entropy(logits, labels.long(), weight=weight, label_smoothing=label_smoothing)
+
     def forward(
         self,
         expression: torch.Tensor,
@@ -1299,17 +1318,7 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         logits = self.classifier(self.dropout(outputs.cell_embedding))  # (b, num_labels)
-        loss = None
-        if labels is not None:
-            if labels.dim() != 1 or int(labels.min()) < 0 or int(labels.max()) >= self.config.num_labels:
-                raise ValueError(
-                    f"labels must be a (batch,) tensor of class ids in [0, {self.config.num_labels}), "
-                    f"got shape {tuple(labels.shape)} with values {int(labels.min())}..{int(labels.max())}."
-                )
-            weight = None
-            if self.config.class_weights is not None:
-                weight = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
-            loss = F.cross_entropy(logits, labels.long(), weight=weight)
+        loss = None if labels is None else self.classification_loss(logits, labels)
         return CellClassifierOutput(
             loss=loss,
             logits=logits,

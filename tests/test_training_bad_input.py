@@ -70,3 +70,11 @@ def test_unknown_method_and_preset_without_model_are_rejected(tmp_path):
     path = _write(marker_adata(n_cells=30), tmp_path)
     with pytest.raises(ValueError, match="give --preset"):
         main(["finetune", "--train-file", str(path), "--label-key", "cell_type", "--output-dir", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("fraction", ["-0.1", "1.0"])
+def test_validation_fraction_outside_zero_to_one_is_named(tmp_path, fraction):
+    path = _write(marker_adata(n_cells=60), tmp_path)
+    with pytest.raises(ValueError, match=rf"validation_fraction must lie in \[0, 1\) .*got {fraction}"):
+        _finetune(path, tmp_path / "out", "--validation_fraction", fraction)
+    assert not (tmp_path / "out").exists()

@@ -156,11 +156,11 @@ def compare(
                 fold_predictions, seconds, n_parameters = fitted.predictions, fitted.train_seconds, fitted.n_parameters
             else:
                 probabilities, seconds, n_parameters = 0.0, 0.0, 0
+                method_args = training_args[method] if isinstance(training_args, dict) else training_args
                 for member in range(ensemble):
                     run_dir = output_dir / "runs" / method / f"fold{fold}"
                     if ensemble > 1:
                         run_dir = run_dir / f"seed{seed + member}"
-                    method_args = training_args[method] if isinstance(training_args, dict) else training_args
                     args = dataclasses.replace(method_args, output_dir=str(run_dir), seed=method_args.seed + member)
                     result = finetune(
                         cells, train_index, test_index, args, preset=method, config_overrides=config_overrides,

@@ -41,7 +41,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
@@ -205,12 +204,8 @@ class _SeededTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        weights = self.accelerator.unwrap_model(model).config.class_weights
-        loss = F.cross_entropy(
-            outputs.logits,
-            labels.long(),
-            weight=None if weights is None else torch.tensor(weights, dtype=outputs.logits.dtype, device=labels.device),
-            label_smoothing=self.args.label_smoothing_factor,
+        loss = self.accelerator.unwrap_model(model).classification_loss(
+            outputs.logits, labels, label_smoothing=self.args.label_smoothing_factor
         )
         return (loss, outputs) if return_outputs else loss
 
@@ -275,8 +270,8 @@ def finetune(
 
     A stratified ``validation_fraction`` of the training cells selects the best checkpoint
     (``eval_macro_f1``) and drives early stopping; with ``validation_fraction=0`` every training
-    cell is trained on for the given epochs and the last epoch's model is scored. The processor and gene graph see only the
-    remaining training cells. Checks that can fail (labels, split sizes, gene overlap with a saved
+    cell is trained on for the given epochs and the last epoch's model is scored. The processor
+    and gene graph see only the remaining training cells. Checks that can fail (labels, split sizes, gene overlap with a saved
     model's panel) run before any training.
 
     Args:
@@ -293,6 +288,10 @@ def finetune(
         raise ValueError("training and test cells overlap; pass disjoint index arrays.")
     if class_weighting not in (None, "balanced"):
         raise ValueError(f"class_weighting must be None or 'balanced', got {class_weighting!r}.")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction must lie in [0, 1) (0: no validation split), got {validation_fraction}."
+        )
     check_labels(cells.labels[train_index], cells.label_names, cells.label_key, min_cells=2)
     if validation_fraction == 0:
         inner_train, validation = np.sort(np.asarray(train_index)), np.array([], dtype=np.int64)
