@@ -501,6 +501,17 @@ static inline void backward_pair(const __m512 q[VECTORS], const __m512 grad_out[
     }
 }
 
+/* Whether a row of WIDTH floats is all zeros (either sign). */
+static inline int zero_row(const float *row) {
+    uint32_t bits = 0;
+    for (int i = 0; i < WIDTH; ++i) {
+        uint32_t word;
+        memcpy(&word, row + i, sizeof word);
+        bits |= word << 1;
+    }
+    return bits == 0;
+}
+
 /* Backward of scrnalf_knn_attention. out and grad_out: (cells, T, HEADS, HEAD_DIM); grad_qkv:
    like qkv, receives d loss / d qkv. Each thread takes whole cells, so the
    scatter of key and value gradients to neighbours never races. */
@@ -520,6 +531,9 @@ void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, 
             const __mmask16 valid = neighbor_keys(base, mask, neighbors + gene * NEIGHBORS, keys);
             const float *row_out = out + (cell * n_tokens + 1 + gene) * WIDTH;
             const float *row_grad = grad_out + (cell * n_tokens + 1 + gene) * WIDTH;
+            /* A row without gradient adds nothing anywhere: masked gene modelling's last layer
+               passes gradient to its masked genes only. */
+            if (zero_row(row_grad)) continue;
             for (int h = 0; h < HEADS; ++h) {
                 const int offset = h * HEAD_DIM;
                 __m512 q[VECTORS], g[VECTORS], grad_q[VECTORS];
@@ -770,20 +784,26 @@ class ScrnaLongformerAttention(nn.Module):
         key_mask: torch.Tensor,
         output_attentions: bool = False,
         c_kernel: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``c_kernel``: run the C kNN kernel (the caller has checked that it applies:
-        see ``ScrnaLongformerLayer.uses_c_kernel``)."""
+        see ``ScrnaLongformerLayer.uses_c_kernel``). ``rows``: (n,) indices into the batch's
+        ``batch·(1 + G)`` tokens, row-major; only those tokens' outputs are projected and returned,
+        as (n, d)."""
         batch, n_tokens, d_model = hidden_states.shape
         heads = self.config.n_heads
         qkv = _project(self.qkv, hidden_states).view(batch, n_tokens, 3, heads, d_model // heads)
         query, key, value = qkv.unbind(2)  # each (b, 1 + G, h, dh), views of one tensor
         if c_kernel:
-            context = torch.ops.scrnalf.knn_attention_c(qkv, gene_neighbors, key_mask)
-            return _project(self.output, context.reshape(batch, n_tokens, d_model)), None
-        kernel = ATTENTION_KERNELS[self.config.attention_type]
-        dropout = self.config.attention_dropout if self.training else 0.0
-        context, weights = kernel(query, key, value, gene_neighbors, key_mask, dropout, output_attentions)
-        return _project(self.output, context.reshape(batch, n_tokens, d_model)), weights
+            context, weights = torch.ops.scrnalf.knn_attention_c(qkv, gene_neighbors, key_mask), None
+        else:
+            kernel = ATTENTION_KERNELS[self.config.attention_type]
+            dropout = self.config.attention_dropout if self.training else 0.0
+            context, weights = kernel(query, key, value, gene_neighbors, key_mask, dropout, output_attentions)
+        context = context.reshape(batch, n_tokens, d_model)
+        if rows is not None:
+            context = context.reshape(batch * n_tokens, d_model).index_select(0, rows)
+        return _project(self.output, context), weights
 
 class ScrnaLongformerFeedForward(nn.Module):
     """Position-wise MLP, d -> d·mlp_ratio -> d."""
@@ -863,10 +883,13 @@ def _layer_forward(
     key_mask: torch.Tensor,
     output_attentions: bool,
     c_kernel: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     attended, weights = layer.attention(
-        layer.attention_norm(hidden_states), gene_neighbors, key_mask, output_attentions, c_kernel
+        layer.attention_norm(hidden_states), gene_neighbors, key_mask, output_attentions, c_kernel, rows
     )
+    if rows is not None:
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, rows)
     hidden_states = hidden_states + _dropout(layer.dropout, attended, c_kernel)
     hidden_states = hidden_states + _dropout(
         layer.dropout, layer.feed_forward(layer.feed_forward_norm(hidden_states)), c_kernel
@@ -902,7 +925,7 @@ def _pool_and_normalize(
 # graphs per function, and the layers' weights are inputs to it, not constants. The embeddings
 # and the pooling are compiled too: eager, their chains of elementwise ops over (b, 1 + G, d)
 # took 13% of the default preset's forward (measured).
-_COMPILED_LAYER_FORWARD = CompiledFunction(_layer_forward, batch_arguments=(1, 3))
+_COMPILED_LAYER_FORWARD = CompiledFunction(_layer_forward, batch_arguments=(1, 3, 6))
 _COMPILED_EMBED = CompiledFunction(_embed, batch_arguments=(1, 2))
 _COMPILED_POOL_AND_NORMALIZE = CompiledFunction(_pool_and_normalize, batch_arguments=(3, 4))
 
@@ -933,12 +956,16 @@ class ScrnaLongformerLayer(GradientCheckpointingLayer):
         gene_neighbors: torch.Tensor,
         key_mask: torch.Tensor,
         output_attentions: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(b, 1 + G, d) -> (b, 1 + G, d) and the attention weights if asked. With ``rows`` (n,),
+        indices into the ``b·(1 + G)`` tokens, everything after the attention runs at those
+        tokens only: -> (n, d)."""
         if self.config.kernel_implementation == "eager":
-            return _layer_forward(self, hidden_states, gene_neighbors, key_mask, bool(output_attentions))
+            return _layer_forward(self, hidden_states, gene_neighbors, key_mask, bool(output_attentions), False, rows)
         c_kernel = self.uses_c_kernel(hidden_states, gene_neighbors, bool(output_attentions))
         return _COMPILED_LAYER_FORWARD(
-            self, hidden_states, gene_neighbors, key_mask, bool(output_attentions), c_kernel,
+            self, hidden_states, gene_neighbors, key_mask, bool(output_attentions), c_kernel, rows,
             kernel_threads=torch.get_num_threads() if c_kernel else 1,
         )
 
@@ -970,11 +997,15 @@ class ScrnaLongformerEncoder(nn.Module):
         key_mask: torch.Tensor,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        last_layer_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """``last_layer_rows``: see ``ScrnaLongformerLayer.forward``'s ``rows``; the last layer
+        then returns (n, d)."""
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layers:
-            hidden_states, weights = layer(hidden_states, gene_neighbors, key_mask, output_attentions)
+        for index, layer in enumerate(self.layers):
+            rows = last_layer_rows if index == len(self.layers) - 1 else None
+            hidden_states, weights = layer(hidden_states, gene_neighbors, key_mask, output_attentions, rows=rows)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             if output_attentions:
@@ -1009,8 +1040,10 @@ class MaskedGeneModelingOutput(ModelOutput):
     """
     Args:
         loss: mean squared error over the masked genes only.
-        logits: (batch, G) predicted normalised expression of every gene.
+        logits: (batch, G) predicted normalised expression of every gene (in training mode, of
+            the masked genes only, NaN elsewhere: see ``ScrnaLongformerForMaskedGeneModeling``).
         masked_positions: (batch, G) bool, the genes that were hidden from the input.
+        cell_embedding: (batch, d_model); None in training mode.
     """
 
     loss: torch.FloatTensor | None = None
@@ -1133,17 +1166,8 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
                 genes absent from it (zero-filled); absent genes are never attended to.
             masked_positions: (batch, G) bool; those genes' values are hidden from the input.
         """
-        _check_expression(expression, self.config.n_genes)
+        gene_mask = self._checked_gene_mask(expression, attention_mask)
         batch = expression.shape[0]
-        if attention_mask is None:
-            gene_mask = torch.ones_like(expression, dtype=torch.bool)
-        else:
-            if tuple(attention_mask.shape) != tuple(expression.shape):
-                raise ValueError(
-                    f"attention_mask must have the shape of expression {tuple(expression.shape)}, "
-                    f"got {tuple(attention_mask.shape)}."
-                )
-            gene_mask = attention_mask.bool()
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -1168,6 +1192,50 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
             attentions=_cat_per_layer([chunk.attentions for chunk in chunks]),
         )
 
+    def selected_gene_states(
+        self,
+        expression: torch.Tensor,
+        selected: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Final-normalised states of the selected genes only, for a loss over a few of them.
+
+        Equal to ``forward(...).last_hidden_state[:, 1:][selected]`` to float rounding, but
+        everything after the last layer's attention (its output projection, feed-forward and the
+        final LayerNorm) runs at the selected tokens only. Nothing else of the last layer reaches
+        such a loss, so its gradients are the same; masked gene modelling selects 15% of the
+        genes and skips most of a layer's work.
+
+        Args:
+            expression, attention_mask, masked_positions: as for ``forward``.
+            selected: (batch, G) bool.
+
+        Returns:
+            (n_selected, d_model), in the row-major order of ``selected``.
+        """
+        gene_mask = self._checked_gene_mask(expression, attention_mask)
+        if tuple(selected.shape) != tuple(expression.shape):
+            raise ValueError(
+                f"selected must have the shape of expression {tuple(expression.shape)}, got {tuple(selected.shape)}."
+            )
+        # Flat indices into the (b, 1 + G) tokens; the CLS column is never selected.
+        rows = F.pad(selected.bool(), (1, 0)).reshape(-1).nonzero().squeeze(1)
+        hidden, _, _ = self._run_encoder(expression, gene_mask, masked_positions, False, False, rows)
+        return self.final_norm(hidden)
+
+    def _checked_gene_mask(self, expression: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Validate the inputs; (batch, G) bool, True for the genes measured in each cell."""
+        _check_expression(expression, self.config.n_genes)
+        if attention_mask is None:
+            return torch.ones_like(expression, dtype=torch.bool)
+        if tuple(attention_mask.shape) != tuple(expression.shape):
+            raise ValueError(
+                f"attention_mask must have the shape of expression {tuple(expression.shape)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        return attention_mask.bool()
+
     def inference_chunk_cells(self) -> int:
         """Cells per forward chunk when no gradient is kept: cells are independent, and a chunk
         whose widest activation (tokens × max(3·d, MLP width) floats) is about 8 MB stays in the
@@ -1177,20 +1245,29 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         widest = max(3 * self.config.d_model, self.config.intermediate_size)
         return max(1, _INFERENCE_CHUNK_FLOATS // (n_tokens * widest))
 
-    def _encode(self, expression, gene_mask, masked_positions, output_attentions, output_hidden_states):
-        """The forward pass of one chunk of cells, already validated."""
+    def _run_encoder(self, expression, gene_mask, masked_positions, output_attentions, output_hidden_states, rows=None):
+        """Embeddings and layers of validated cells: the residual stream (b, 1 + G, d), or (n, d)
+        at ``rows`` (see ``ScrnaLongformerEncoder``), and the per-layer outputs asked for."""
         key_mask = torch.cat([gene_mask.new_ones(expression.shape[0], 1), gene_mask], dim=1)  # (b, 1 + G)
         if self.config.kernel_implementation == "compiled":
-            threads = torch.get_num_threads()  # elementwise graphs and reductions, no scatter
             c_dropout = self.training and expression.device.type == "cpu" and c_kernels_available()
-            embed = functools.partial(_COMPILED_EMBED, kernel_threads=threads)
-            pool_and_normalize = functools.partial(_COMPILED_POOL_AND_NORMALIZE, kernel_threads=threads)
+            # Elementwise graphs and reductions, no scatter: every thread.
+            tokens = _COMPILED_EMBED(
+                self.embeddings, expression, masked_positions, c_dropout, kernel_threads=torch.get_num_threads()
+            )
         else:
-            embed, pool_and_normalize, c_dropout = _embed, _pool_and_normalize, False
-        tokens = embed(self.embeddings, expression, masked_positions, c_dropout)
-        hidden, all_hidden, all_attentions = self.encoder(
-            tokens, self.gene_neighbors, key_mask, output_attentions, output_hidden_states
+            tokens = _embed(self.embeddings, expression, masked_positions)
+        return self.encoder(tokens, self.gene_neighbors, key_mask, output_attentions, output_hidden_states, rows)
+
+    def _encode(self, expression, gene_mask, masked_positions, output_attentions, output_hidden_states):
+        """The forward pass of one chunk of cells, already validated."""
+        hidden, all_hidden, all_attentions = self._run_encoder(
+            expression, gene_mask, masked_positions, output_attentions, output_hidden_states
         )
+        if self.config.kernel_implementation == "compiled":
+            pool_and_normalize = functools.partial(_COMPILED_POOL_AND_NORMALIZE, kernel_threads=torch.get_num_threads())
+        else:
+            pool_and_normalize = _pool_and_normalize
         last_hidden_state, cell_embedding = pool_and_normalize(
             self.final_norm, self.pooler_norm, self.config.pooling, hidden, gene_mask
         )
@@ -1216,7 +1293,14 @@ def _cat_per_layer(per_chunk: list[tuple | None]) -> tuple | None:
 
 class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
     """Masked gene modelling: hide the values of a random ``mask_ratio`` of the measured genes
-    from the input and regress them from the rest. The loss covers the masked genes only."""
+    from the input and regress them from the rest. The loss covers the masked genes only.
+
+    In training mode the last layer and the prediction head run at the masked genes only (see
+    ``ScrnaLongformerModel.selected_gene_states``): the loss and every gradient are those of the
+    full forward, at about two thirds of the cost for the two-layer default preset. The output's
+    ``logits`` then hold predictions at the masked genes and NaN elsewhere, and
+    ``cell_embedding`` is None; ``model.eval()`` or ``predict_all_genes=True`` gives them all.
+    """
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__(config)
@@ -1241,16 +1325,37 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        predict_all_genes: bool | None = None,
         **kwargs,
     ) -> MaskedGeneModelingOutput:
         r"""
         Args:
             masked_positions: (batch, G) bool, genes to hide and score; sampled if None.
             labels: (batch, G) target values; defaults to ``expression`` itself.
+            predict_all_genes: predict every gene and pool the cell embedding; by default only
+                outside training mode or when hidden states or attentions are asked for.
         """
         if masked_positions is None:
             masked_positions = self.sample_masked_positions(expression, attention_mask)
         masked_positions = masked_positions.bool()
+        targets = expression if labels is None else labels
+        n_masked = masked_positions.sum()
+        if predict_all_genes is None:
+            predict_all_genes = not self.training or bool(
+                self.config.output_attentions if output_attentions is None else output_attentions
+            ) or bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+        if not predict_all_genes:
+            states = self.scrna_longformer.selected_gene_states(
+                expression, masked_positions, attention_mask=attention_mask, masked_positions=masked_positions
+            )  # (n_masked, d)
+            masked_predictions = self._predict(states)  # (n_masked,)
+            loss = (masked_predictions - targets[masked_positions]).pow(2).sum() / n_masked.clamp(min=1)
+            predictions = torch.full_like(expression, float("nan"), dtype=masked_predictions.dtype)
+            return MaskedGeneModelingOutput(
+                loss=loss,
+                logits=predictions.masked_scatter(masked_positions, masked_predictions),
+                masked_positions=masked_positions,
+            )
         outputs = self.scrna_longformer(
             expression,
             attention_mask=attention_mask,
@@ -1258,11 +1363,7 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        gene_states = outputs.last_hidden_state[:, 1:]  # (b, G, d)
-        transformed = self.prediction_norm(F.gelu(self.prediction_transform(gene_states)))
-        predictions = self.prediction_head(transformed).squeeze(-1)  # (b, G)
-        targets = expression if labels is None else labels
-        n_masked = masked_positions.sum()
+        predictions = self._predict(outputs.last_hidden_state[:, 1:])  # (b, G)
         squared_error = (predictions - targets).pow(2) * masked_positions
         loss = squared_error.sum() / n_masked.clamp(min=1)
         return MaskedGeneModelingOutput(
@@ -1273,6 +1374,11 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _predict(self, gene_states: torch.Tensor) -> torch.Tensor:
+        """Gene token states (..., d) -> predicted values (...)."""
+        transformed = self.prediction_norm(F.gelu(self.prediction_transform(gene_states)))
+        return self.prediction_head(transformed).squeeze(-1)
 
 
 class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):

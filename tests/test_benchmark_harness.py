@@ -108,6 +108,8 @@ def test_train_benchmark_extrapolates_an_epoch_from_constant_steps(tmp_path):
     assert results["epoch"]["steps"] == 63
     assert set(results["baselines"]) == {"dense", "bert"}
     assert results["knn"]["last_over_first"] > 0
+    assert results["gemm_gflops"]["before"] > 0 and results["gemm_gflops"]["after"] > 0
+    assert "GFLOP/s before training" in (tmp_path / "train.md").read_text()
     assert (tmp_path / "train.json").exists() and (tmp_path / "train.png").exists()
 
 

@@ -200,6 +200,56 @@ def test_masked_gene_modelling_scores_only_masked_genes():
     assert model(expression, masked_positions=masked, labels=labels).loss > loss + 100
 
 
+@pytest.mark.parametrize(
+    "attention_type, kernel_implementation",
+    [("knn", "eager"), ("knn", "compiled"), ("dense", "eager"), ("linear", "eager")],
+)
+def test_training_on_masked_genes_only_gives_the_full_loss_and_gradients(attention_type, kernel_implementation):
+    """In training mode the last layer and the head run at the masked genes only (the compiled
+    knn case runs on the C kernels where they build); loss and every gradient must equal the
+    full forward's, and the masked genes' predictions too."""
+    torch.manual_seed(0)
+    config = small_config(
+        n_genes=40, d_model=32, n_heads=2, knn_k=8, attention_type=attention_type,
+        kernel_implementation=kernel_implementation,
+    )
+    model = ScrnaLongformerForMaskedGeneModeling(config).train()
+    model.scrna_longformer.set_gene_graph(random_graph(40, 8, torch.Generator().manual_seed(1)))
+    expression = torch.rand(3, 40) * 4
+    attention_mask = torch.ones(3, 40, dtype=torch.long)
+    attention_mask[1, 30:] = 0
+    masked = model.sample_masked_positions(expression, attention_mask)
+    masked[2] = False  # a cell with nothing to score
+    results = {}
+    for predict_all_genes in (True, None):
+        model.zero_grad()
+        output = model(
+            expression, attention_mask=attention_mask, masked_positions=masked, predict_all_genes=predict_all_genes
+        )
+        output.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[predict_all_genes] = output, gradients
+    (full, full_gradients), (sparse, sparse_gradients) = results[True], results[None]
+    assert sparse.cell_embedding is None and full.cell_embedding is not None
+    assert torch.isnan(sparse.logits[~masked]).all()
+    torch.testing.assert_close(sparse.logits[masked], full.logits[masked], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.loss, full.loss, rtol=1e-5, atol=1e-6)
+    assert len(sparse_gradients) > 10
+    # The cell embedding's LayerNorm gets no gradient or, where one compiled graph computes it
+    # beside the token states, an all-zero one.
+    for name, parameter in model.named_parameters():
+        expected = full_gradients.get(name, torch.zeros_like(parameter))
+        found = sparse_gradients.get(name, torch.zeros_like(parameter))
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_masked_gene_modelling_predicts_every_gene_outside_training():
+    model = ScrnaLongformerForMaskedGeneModeling(small_config()).eval()
+    output = model(torch.rand(2, 48))
+    assert output.logits.shape == (2, 48) and torch.isfinite(output.logits).all()
+    assert output.cell_embedding.shape == (2, 16)
+
+
 def test_sampled_masks_follow_mask_ratio_and_skip_unmeasured_genes():
     torch.manual_seed(0)
     config = small_config(n_genes=400, mask_ratio=0.25)

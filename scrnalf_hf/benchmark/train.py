@@ -14,7 +14,7 @@ from torch import nn
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
 from ..modeling_scrnalf import ScrnaLongformerForMaskedGeneModeling
-from .harness import bert_peer, conditions_line, machine_info, markdown_table, set_threads, write_results
+from .harness import bert_peer, conditions_line, gemm_gflops, machine_info, markdown_table, set_threads, write_results
 
 
 def simulated_expression(n_cells: int, n_genes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +82,14 @@ def benchmark_train(
     cells and extrapolate the time of one epoch over ``epoch_cells`` cells. With
     ``max_minutes``, training stops at that wall-clock budget and the JSON says so.
 
+    The model trains as ``Trainer`` runs it (training mode): the last layer and the prediction
+    head run at the masked genes only, which gives the full forward's loss and gradients (see
+    ``ScrnaLongformerForMaskedGeneModeling``). ``dense`` does the same; the BERT peer runs
+    its whole stack at every gene, as transformers' ``BertModel`` does.
+
     The extrapolation is trusted only if the per-step time is constant: the JSON gives the
-    median step time of the first and last quarter of the steps and their ratio. Batches come
+    median step time of the first and last quarter of the steps and their ratio. An fp32 GEMM
+    timed before and after training shows how fast the (possibly shared) host was meanwhile. Batches come
     from a tensor in memory, so this is the model's cost, not the data loader's. The BERT peer
     and ``dense`` run ``baseline_steps`` (+1 warm-up) steps on the same batches, alternating with
     knn's first steps; ``dense`` on the first ``dense_batch_size`` cells of each batch only, since
@@ -92,6 +98,7 @@ def benchmark_train(
     """
     set_threads(threads)
     info = machine_info()
+    gemm_before = gemm_gflops()["gflops_median"]
     torch.manual_seed(seed)
     start = time.perf_counter()
     expression, graph = simulated_expression(n_cells, n_genes, seed)
@@ -128,6 +135,7 @@ def benchmark_train(
                 steps[name](batch[: baseline_batch[name]])
                 baseline_seconds[name].append(time.perf_counter() - started)
 
+    gemm_after = gemm_gflops()["gflops_median"]
     measured = knn_seconds[1:]  # the first step warms up allocator and threads
     quarter = max(1, len(measured) // 4)
     first, last = statistics.median(measured[:quarter]), statistics.median(measured[-quarter:])
@@ -170,6 +178,7 @@ def benchmark_train(
             for name, values in baseline_seconds.items()
         },
         "epoch": {"cells": epoch_cells, "steps": epoch_steps, "minutes": epoch_minutes},
+        "gemm_gflops": {"before": gemm_before, "after": gemm_after},
     }
     for baseline in results["baselines"].values():
         baseline["knn_speedup"] = results["knn"]["cells_per_s"] / baseline["cells_per_s"]
@@ -201,8 +210,10 @@ def _markdown(results: dict) -> str:
         + markdown_table(["model", "batch", "cells/s", "s/step (median)", "cells/s relative to knn"], rows)
         + f"\n{results['cells_trained']:,} simulated cells trained; per-step median of the last quarter / first "
         f"quarter = {knn['last_over_first']:.2f}. One epoch over {epoch['cells']:,} cells: "
-        f"**{epoch['minutes']:.1f} min** (extrapolated from the median step). "
-        f"{conditions_line(results['machine'])}.\n"
+        f"**{epoch['minutes']:.1f} min** (extrapolated from the median step). The last layer and the "
+        "prediction head ran at the masked genes only (the full forward's loss and gradients). fp32 GEMM "
+        f"2048³: {results['gemm_gflops']['before']:.0f} GFLOP/s before training, "
+        f"{results['gemm_gflops']['after']:.0f} after. {conditions_line(results['machine'])}.\n"
     )
 
 
