@@ -138,6 +138,9 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--folds", default="0", help="folds scored by every method (default: the first)")
     parser.add_argument("--methods", default="tiny,default,logreg,random_forest")
     parser.add_argument("--epochs", type=float, default=None, help="override the demo's epochs per preset")
+    parser.add_argument(
+        "--class-weighting", default="balanced", choices=["balanced", "none"], help="for every method alike"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_run_demo)
 
@@ -148,6 +151,7 @@ def _run_demo(args) -> None:
     run_demo(
         output_dir=args.output_dir, label_key=args.label_key, n_folds=args.cv,
         folds=[int(f) for f in args.folds.split(",")], methods=args.methods, epochs=args.epochs, seed=args.seed,
+        class_weighting=None if args.class_weighting == "none" else args.class_weighting,
     )
 
 
