@@ -526,14 +526,14 @@ void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, 
         const bool *mask = key_mask + cell * n_tokens;
         memset(grad_base, 0, sizeof(float) * (size_t)(n_tokens * 3 * WIDTH));
         for (int64_t gene = 0; gene < n_genes; ++gene) {
-            const float *query = base + (1 + gene) * 3 * WIDTH;
-            const float *keys[NEIGHBORS];
-            const __mmask16 valid = neighbor_keys(base, mask, neighbors + gene * NEIGHBORS, keys);
-            const float *row_out = out + (cell * n_tokens + 1 + gene) * WIDTH;
             const float *row_grad = grad_out + (cell * n_tokens + 1 + gene) * WIDTH;
             /* A row without gradient adds nothing anywhere: masked gene modelling's last layer
                passes gradient to its masked genes only. */
             if (zero_row(row_grad)) continue;
+            const float *query = base + (1 + gene) * 3 * WIDTH;
+            const float *keys[NEIGHBORS];
+            const __mmask16 valid = neighbor_keys(base, mask, neighbors + gene * NEIGHBORS, keys);
+            const float *row_out = out + (cell * n_tokens + 1 + gene) * WIDTH;
             for (int h = 0; h < HEADS; ++h) {
                 const int offset = h * HEAD_DIM;
                 __m512 q[VECTORS], g[VECTORS], grad_q[VECTORS];
@@ -1340,10 +1340,12 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
         masked_positions = masked_positions.bool()
         targets = expression if labels is None else labels
         n_masked = masked_positions.sum()
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if predict_all_genes is None:
-            predict_all_genes = not self.training or bool(
-                self.config.output_attentions if output_attentions is None else output_attentions
-            ) or bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+            predict_all_genes = not self.training or bool(output_attentions) or bool(output_hidden_states)
         if not predict_all_genes:
             states = self.scrna_longformer.selected_gene_states(
                 expression, masked_positions, attention_mask=attention_mask, masked_positions=masked_positions

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy.special import softmax
 from transformers import TrainingArguments
 
 from .baselines import BASELINES, fit_baseline
@@ -171,7 +172,7 @@ def compare(
                         result.trainer.save_model(str(run_dir))
                         for checkpoint in run_dir.glob("checkpoint-*"):
                             shutil.rmtree(checkpoint, ignore_errors=True)
-                    probabilities = probabilities + _softmax(result.logits)
+                    probabilities = probabilities + softmax(result.logits, axis=1)
                     seconds += result.train_seconds
                     n_parameters += result.n_parameters
                     if keep_models:
@@ -195,12 +196,6 @@ def compare(
     plot_comparison(rows, output_dir / "comparison.png", title=f"{cells.dataset_name} · {cells.label_key}")
     print(table)
     return ComparisonResult(rows=rows, predictions=predictions, folds=fold_of_cell, fold_models=fold_models)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """(n, classes) logits -> class probabilities."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def default_training_args(output_dir: str | Path, seed: int = 0, **overrides) -> TrainingArguments:
