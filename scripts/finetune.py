@@ -1,4 +1,4 @@
-"""Cell-type fine-tuning, for ``accelerate launch`` / ``torchrun`` (same flags as ``scrnalf finetune``).
+"""Training any head, for ``accelerate launch`` / ``torchrun`` (same flags as ``scrnalf finetune``).
 
     accelerate launch --num_processes 2 scripts/finetune.py --train-file cells.h5ad \\
         --label-key cell_type --preset default --output-dir runs/default
@@ -7,7 +7,8 @@
 
 import sys
 
-from scrnalf_hf.training.finetune import run_finetune
+from scrnalf_hf.training.arguments import parse_arguments
+from scrnalf_hf.training.finetune import train_from_arguments
 
 if __name__ == "__main__":
-    run_finetune(sys.argv[1:])
+    train_from_arguments(*parse_arguments(sys.argv[1:], "finetune"))

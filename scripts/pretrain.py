@@ -6,7 +6,8 @@
 
 import sys
 
-from scrnalf_hf.training.pretrain import run_pretrain
+from scrnalf_hf.training.arguments import parse_arguments
+from scrnalf_hf.training.finetune import train_from_arguments
 
 if __name__ == "__main__":
-    run_pretrain(sys.argv[1:])
+    train_from_arguments(*parse_arguments(sys.argv[1:], "pretrain"))

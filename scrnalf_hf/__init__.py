@@ -1,13 +1,9 @@
-"""scrnalf-hf: the kNN-masked gene-token transformer for single-cell RNA-seq, as a native
-Hugging Face model. Importing the package registers it with transformers' Auto classes."""
+"""scrnalf-hf: the kNN-masked gene-token transformer for single-cell RNA-seq, as a native Hugging Face
+model. Importing the package registers every head declared in :mod:`scrnalf_hf.training.tasks`
+with transformers' Auto classes (and their pipelines), and the processor with
+``AutoFeatureExtractor``."""
 
-from transformers import (
-    AutoConfig,
-    AutoFeatureExtractor,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
 from .configuration_scrnalf import ScrnaLongformerConfig
 from .modeling_scrnalf import (
@@ -17,28 +13,30 @@ from .modeling_scrnalf import (
     ScrnaLongformerPreTrainedModel,
 )
 from .processing_scrnalf import GeneAlignment, ScrnaLongformerProcessor
+from .training.tasks import TASKS, Task, get_task, register_task
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(ScrnaLongformerConfig.model_type, ScrnaLongformerConfig, exist_ok=True)
 AutoModel.register(ScrnaLongformerConfig, ScrnaLongformerModel, exist_ok=True)
-AutoModelForMaskedLM.register(ScrnaLongformerConfig, ScrnaLongformerForMaskedGeneModeling, exist_ok=True)
-AutoModelForSequenceClassification.register(ScrnaLongformerConfig, ScrnaLongformerForCellClassification, exist_ok=True)
 AutoFeatureExtractor.register(ScrnaLongformerConfig, ScrnaLongformerProcessor, exist_ok=True)
 
-# save_pretrained then writes auto_map and copies the model files next to the weights.
+# save_pretrained then writes auto_map and copies the model files next to the weights; the heads
+# were registered by their task declarations.
 ScrnaLongformerConfig.register_for_auto_class()
 ScrnaLongformerModel.register_for_auto_class("AutoModel")
-ScrnaLongformerForMaskedGeneModeling.register_for_auto_class("AutoModelForMaskedLM")
-ScrnaLongformerForCellClassification.register_for_auto_class("AutoModelForSequenceClassification")
 ScrnaLongformerProcessor.register_for_auto_class("AutoFeatureExtractor")
 
 __all__ = [
-    "ScrnaLongformerConfig",
-    "ScrnaLongformerPreTrainedModel",
-    "ScrnaLongformerModel",
-    "ScrnaLongformerForMaskedGeneModeling",
-    "ScrnaLongformerForCellClassification",
-    "ScrnaLongformerProcessor",
+    "TASKS",
     "GeneAlignment",
+    "ScrnaLongformerConfig",
+    "ScrnaLongformerForCellClassification",
+    "ScrnaLongformerForMaskedGeneModeling",
+    "ScrnaLongformerModel",
+    "ScrnaLongformerPreTrainedModel",
+    "ScrnaLongformerProcessor",
+    "Task",
+    "get_task",
+    "register_task",
 ]

@@ -18,6 +18,9 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 INPUT_KINDS = ("counts", "log1p")
+# log1p of counts scaled to 10,000 per cell stays below ~9.3; integers far above that are counts.
+_LARGEST_LOG1P = 30.0
+_KIND_NAMES = {"counts": "raw integer counts", "log1p": "log-normalised values (log1p)"}
 GENE_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "feature_id")
 
 
@@ -37,6 +40,35 @@ def _duplicates(keys: Sequence[str]) -> list[str]:
             repeated.append(key)
         seen.add(key)
     return repeated
+
+
+def make_unique(names: Sequence[str]) -> list[str]:
+    """Repeated names get ``-1``, ``-2``, ... appended, as anndata's ``var_names_make_unique``
+    does (case-insensitively here, as genes are matched): ``[A, a, A] -> [A, a-1, A-2]``."""
+    taken = {_symbol_key(name) for name in names}
+    seen: set[str] = set()
+    unique = []
+    for name in names:
+        key = _symbol_key(name)
+        if key in seen:
+            suffix = 1
+            while _symbol_key(f"{name}-{suffix}") in taken:
+                suffix += 1
+            name = f"{name}-{suffix}"
+            key = _symbol_key(name)
+            taken.add(key)
+        seen.add(key)
+        unique.append(name)
+    return unique
+
+
+def _other_matrices(adata) -> str:
+    """Which matrices an AnnData offers and the options that pick them, for error messages."""
+    options = ["X (--layer X)"]
+    if adata.raw is not None:
+        options.append(".raw (--use-raw)")
+    options += [f"layers[{name!r}] (--layer {name})" for name in adata.layers.keys()]
+    return "it has " + ", ".join(options) + "."
 
 
 def _is_sparse(matrix) -> bool:
@@ -96,9 +128,13 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         input_kind: ``"counts"`` (raw integer UMI counts: library-size normalised to
             ``target_sum`` then log1p) or ``"log1p"`` (already log-normalised; used as is).
         target_sum: counts per cell after library-size normalisation.
-        min_gene_overlap: smallest fraction of the panel an input must measure.
+        min_gene_overlap: smallest fraction of the panel an input must measure (an error below).
+        warn_gene_overlap: below this fraction of the panel measured, a warning says how much is
+            missing (zero-filled genes cost accuracy).
         layer / use_raw: where in an AnnData the processor reads by default.
         gene_id_key: ``.var`` column holding Ensembl ids in AnnData inputs.
+        highly_variable_genes: how the panel was chosen when it is the training cells' most
+            variable genes (``n_top_genes``, scanpy ``flavor``, ``n_cells``), else None.
     """
 
     model_input_names = ["expression", "attention_mask"]
@@ -110,9 +146,11 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         input_kind: str = "counts",
         target_sum: float = 1e4,
         min_gene_overlap: float = 0.5,
+        warn_gene_overlap: float = 0.9,
         layer: str | None = None,
         use_raw: bool = False,
         gene_id_key: str | None = None,
+        highly_variable_genes: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -120,27 +158,36 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             raise ValueError("gene_symbols is empty: a processor needs the model's gene panel.")
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}.")
-        if not 0.0 <= min_gene_overlap <= 1.0:
-            raise ValueError(f"min_gene_overlap must lie in [0, 1], got {min_gene_overlap}.")
+        for name, value in (("min_gene_overlap", min_gene_overlap), ("warn_gene_overlap", warn_gene_overlap)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}.")
         self.gene_symbols = [str(symbol) for symbol in gene_symbols]
         self.gene_ids = None if gene_ids is None else [str(gene_id) for gene_id in gene_ids]
         if self.gene_ids is not None and len(self.gene_ids) != len(self.gene_symbols):
             raise ValueError(
                 f"gene_ids has {len(self.gene_ids)} entries but gene_symbols has {len(self.gene_symbols)}."
             )
-        repeated = _duplicates([_symbol_key(s) for s in self.gene_symbols])
-        if repeated:
-            raise ValueError(f"duplicate gene symbols in the panel (case-insensitive): {repeated[:10]}.")
+        # Ids, where the panel has them, are the genes' keys: real feature tables repeat symbols
+        # (10x lists `Rp1` twice in mouse) but never ids. Without ids the symbols are the keys.
         if self.gene_ids is not None:
             repeated = _duplicates([_gene_id_key(g) for g in self.gene_ids])
             if repeated:
-                raise ValueError(f"duplicate gene ids in the panel: {repeated[:10]}.")
+                raise ValueError(f"duplicate gene ids in the panel: {repeated[:10]}; every gene needs its own id.")
+        else:
+            repeated = _duplicates([_symbol_key(s) for s in self.gene_symbols])
+            if repeated:
+                raise ValueError(
+                    f"duplicate gene symbols in the panel (case-insensitive): {repeated[:10]}; give Ensembl "
+                    "gene_ids, or make the symbols unique (adata.var_names_make_unique())."
+                )
         self.input_kind = input_kind
         self.target_sum = float(target_sum)
         self.min_gene_overlap = float(min_gene_overlap)
+        self.warn_gene_overlap = max(float(warn_gene_overlap), self.min_gene_overlap)
         self.layer = layer
         self.use_raw = bool(use_raw)
         self.gene_id_key = gene_id_key
+        self.highly_variable_genes = highly_variable_genes
 
     @property
     def n_genes(self) -> int:
@@ -191,26 +238,36 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         """Map input genes onto the panel: by Ensembl id when both sides have ids (or the input
         names are Ensembl ids), else by symbol, case-insensitively.
 
+        Repeated input symbols (without ids) are made unique the way anndata's
+        ``var_names_make_unique`` does (``Rp1``, ``Rp1-1``: the first keeps its name), with a
+        warning: the first occurrence is the one matched. Panel genes whose symbol repeats
+        (possible only in a panel with ids) cannot be matched by symbol and count as missing.
+
         Raises:
-            ValueError: duplicate input genes, or fewer than ``min_gene_overlap`` of the panel found.
+            ValueError: repeated input ids, or fewer than ``min_gene_overlap`` of the panel found.
         """
         gene_names = [str(name) for name in gene_names]
         looks_like_ids = len(gene_names) > 0 and np.mean([n.upper().startswith("ENS") for n in gene_names]) > 0.9
         if self.gene_ids is not None and (gene_ids is not None or looks_like_ids):
             matched_by = "gene_ids"
             input_keys = [_gene_id_key(g) for g in (gene_ids if gene_ids is not None else gene_names)]
+            repeated = _duplicates(input_keys)
+            if repeated:
+                raise ValueError(f"duplicate gene ids in the input: {repeated[:10]}; every gene needs its own id.")
             vocab_keys = [_gene_id_key(g) for g in self.gene_ids]
         else:
             matched_by = "gene_symbols"
-            input_keys = [_symbol_key(n) for n in gene_names]
+            input_keys = [_symbol_key(n) for n in make_unique(gene_names)]
+            repeated = _duplicates([_symbol_key(n) for n in gene_names])
+            if repeated:
+                logger.warning(
+                    f"the input repeats gene symbols {repeated[:10]} and has no gene ids; the first of each is "
+                    "matched to the panel (the others are renamed NAME-1, NAME-2, ... as var_names_make_unique does)."
+                )
             vocab_keys = [_symbol_key(s) for s in self.gene_symbols]
-        repeated = _duplicates(input_keys)
-        if repeated:
-            raise ValueError(
-                f"duplicate gene names in the input ({matched_by}, case-insensitive): {repeated[:10]}; "
-                "make them unique (adata.var_names_make_unique()) or match by Ensembl id with gene_ids=."
-            )
-        position = {key: index for index, key in enumerate(vocab_keys)}
+            ambiguous = set(_duplicates(vocab_keys))
+            vocab_keys = [None if key in ambiguous else key for key in vocab_keys]
+        position = {key: index for index, key in enumerate(vocab_keys) if key is not None}
         vocab_index = np.array([position.get(key, -1) for key in input_keys], dtype=np.int64)
         n_matched = int((vocab_index >= 0).sum())
         found = np.zeros(self.n_genes, dtype=bool)
@@ -229,7 +286,13 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
                 "Check that the input uses the same gene naming (symbols vs Ensembl ids) and species "
                 "as the model, or lower min_gene_overlap."
             )
-        logger.info(f"Gene alignment: {alignment}.")
+        if alignment.fraction < self.warn_gene_overlap:
+            logger.warning(
+                f"only {alignment}; genes the input lacks are zero-filled and masked out, which costs accuracy "
+                f"(the panel's missing genes start with {alignment.missing[:5]})."
+            )
+        else:
+            logger.info(f"Gene alignment: {alignment}.")
         return alignment
 
     def normalize(self, values: np.ndarray, library_size: np.ndarray | None = None) -> np.ndarray:
@@ -247,50 +310,99 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         """
         values = np.asarray(values, dtype=np.float32)
         self.check_values(values)
-        if self.input_kind == "log1p":
-            return values
         if library_size is None:
             library_size = values.sum(axis=1)
-        library_size = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
+        per_value = np.broadcast_to(np.asarray(library_size, dtype=np.float64).reshape(-1, 1), values.shape)
+        return self.normalize_entries(values, per_value)
+
+    def normalize_entries(self, values: np.ndarray, library_size: np.ndarray) -> np.ndarray:
+        """Normalise single (cell, gene) values, e.g. the nonzeros of a sparse matrix.
+
+        Args:
+            values: float32 values of any shape (already checked: finite, non-negative).
+            library_size: the same shape, the total counts of each value's cell.
+
+        Returns:
+            float32 of the same shape, exactly what :meth:`normalize` gives for those values.
+        """
+        values = np.asarray(values, dtype=np.float32)
+        if self.input_kind == "log1p":
+            return values
+        library_size = np.asarray(library_size, dtype=np.float64)
         scale = np.divide(self.target_sum, library_size, out=np.zeros_like(library_size), where=library_size > 0)
         return np.log1p(values * scale).astype(np.float32)
 
-    def check_values(self, values) -> None:
-        """Raise ``ValueError`` for NaN/inf, negative values, or non-integer counts."""
+    def check_values(self, values, where: str = "the expression matrix") -> None:
+        """Raise ``ValueError`` naming ``where`` for NaN/inf, negative values, or values of the
+        wrong kind (non-integer counts; integers far above any log1p value)."""
         stored = _stored_values(values)
         if stored.size == 0:
             return
         if not np.isfinite(stored).all():
-            raise ValueError("the expression matrix contains NaN or infinite values.")
+            raise ValueError(f"{where} contains NaN or infinite values.")
         if (stored < 0).any():
-            raise ValueError(f"the expression matrix contains negative values (minimum {stored.min():.3g}).")
-        if self.input_kind == "counts" and not np.array_equal(stored, np.round(stored)):
             raise ValueError(
-                "the processor expects raw integer counts (input_kind='counts') but the matrix has "
-                "non-integer values; pass raw counts (e.g. layer='counts') or use input_kind='log1p'."
+                f"{where} contains negative values (minimum {stored.min():.3g}): it looks scaled or centred, but "
+                f"this model reads {_KIND_NAMES[self.input_kind]}."
             )
+        if self.input_kind == "log1p" and stored.max() > _LARGEST_LOG1P and np.array_equal(stored, np.round(stored)):
+            raise ValueError(
+                f"{where} holds integers up to {stored.max():.0f}, which look like raw counts, but this model reads "
+                f"{_KIND_NAMES['log1p']}."
+            )
+        if self.input_kind == "counts" and not np.array_equal(stored, np.round(stored)):
+            raise ValueError(f"{where} holds non-integer values, but this model reads {_KIND_NAMES['counts']}.")
 
     # -----------------------------------------------------------------------------------------
     # Cells -> model inputs
     # -----------------------------------------------------------------------------------------
 
-    def _read_anndata(self, adata, layer: str | None, use_raw: bool | None):
-        use_raw = self.use_raw if use_raw is None else use_raw
-        layer = self.layer if layer is None else layer
+    def anndata_matrix(self, adata, layer: str | None = None, use_raw: bool | None = None) -> str:
+        """Where this processor reads an AnnData: ``"raw"``, ``"X"`` or a layer name.
+
+        An explicit ``layer`` (``"X"`` for ``X``) or ``use_raw=True`` wins; then where the
+        model's training cells were read (recorded in ``layer`` / ``use_raw`` when it was
+        trained); else, as ``scrnalf convert`` does, the first present of ``layers["counts"]``,
+        ``.raw``, ``X`` for a counts processor and ``X`` for a log1p one.
+        """
         if use_raw:
+            return "raw"
+        if layer is not None:
+            return layer
+        if self.use_raw:
+            return "raw"
+        if self.layer is not None:
+            return self.layer
+        if self.input_kind == "counts":
+            if "counts" in adata.layers:
+                return "counts"
+            if adata.raw is not None:
+                return "raw"
+        return "X"
+
+    def read_anndata_matrix(self, adata, layer: str | None, use_raw: bool | None):
+        """(matrix, gene names, gene ids, where) of the matrix :meth:`anndata_matrix` chooses."""
+        where = self.anndata_matrix(adata, layer, use_raw)
+        if where == "raw":
             if adata.raw is None:
-                raise ValueError("use_raw=True but the AnnData has no .raw.")
+                raise ValueError(
+                    f"this model reads .raw (where its training values were) but the AnnData has no .raw; "
+                    f"{_other_matrices(adata)}"
+                )
             matrix, var, names = adata.raw.X, adata.raw.var, adata.raw.var_names
-        elif layer is not None:
-            if layer not in adata.layers:
-                raise ValueError(f"layer {layer!r} not found; AnnData layers: {list(adata.layers.keys())}.")
-            matrix, var, names = adata.layers[layer], adata.var, adata.var_names
-        else:
+        elif where == "X":
             matrix, var, names = adata.X, adata.var, adata.var_names
+        else:
+            if where not in adata.layers:
+                raise ValueError(
+                    f"this model reads layers[{where!r}] but the AnnData has no such layer; {_other_matrices(adata)}"
+                )
+            matrix, var, names = adata.layers[where], adata.var, adata.var_names
         gene_ids = None
         if self.gene_id_key is not None and self.gene_id_key in var.columns:
             gene_ids = [str(v) for v in var[self.gene_id_key]]
-        return matrix, [str(n) for n in names], gene_ids
+        label = ".raw" if where == "raw" else "X" if where == "X" else f"layers[{where!r}]"
+        return matrix, [str(n) for n in names], gene_ids, label
 
     def __call__(
         self,
@@ -313,8 +425,10 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
             (n_cells, G) int64 (1 = gene measured in the input; missing genes are zero-filled).
         """
-        if hasattr(cells, "var_names") and hasattr(cells, "obs_names"):
-            matrix, names, ids = self._read_anndata(cells, layer, use_raw)
+        adata = cells if hasattr(cells, "var_names") and hasattr(cells, "obs_names") else None
+        where = "the expression matrix"
+        if adata is not None:
+            matrix, names, ids, where = self.read_anndata_matrix(adata, layer, use_raw)
             gene_names = names if gene_names is None else gene_names
             gene_ids = ids if gene_ids is None else gene_ids
         else:
@@ -334,7 +448,12 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             raise ValueError(f"{len(gene_names)} gene names for a matrix with {matrix.shape[1]} genes.")
         if not _is_sparse(matrix) and not np.issubdtype(np.asarray(matrix).dtype, np.number):
             raise ValueError(f"the expression matrix must be numeric, got dtype {np.asarray(matrix).dtype}.")
-        self.check_values(matrix)
+        try:
+            self.check_values(matrix, where)
+        except ValueError as error:
+            if adata is None:
+                raise
+            raise ValueError(f"{error} Read another matrix: {_other_matrices(adata)}") from None
         alignment = self.align_genes(gene_names, gene_ids)
 
         library_size = np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)

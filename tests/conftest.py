@@ -3,22 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import synthetic_counts
 
 import scrnalf_hf
 from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerForCellClassification, ScrnaLongformerProcessor
 
 N_GENES = 60
-
-
-def synthetic_counts(n_cells: int = 90, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Integer counts for 3 cell types whose marker genes differ; returns counts, labels, genes."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n_cells) % 3
-    rates = np.full((3, N_GENES), 1.0)
-    for cell_type in range(3):
-        rates[cell_type, cell_type * 10 : cell_type * 10 + 10] = 12.0
-    counts = rng.poisson(rates[labels]).astype(np.float32)
-    return counts, labels, [f"GENE{i}" for i in range(N_GENES)]
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import constants
 
 from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerForCellClassification, ScrnaLongformerProcessor
-from scrnalf_hf.hub import LocalHub
+from scrnalf_hf.testing import LocalHub
 
 WRITE_TOKEN = "hf_local_write_org"
 OTHER_TOKEN = "hf_local_write_someone_else"

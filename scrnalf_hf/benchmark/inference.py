@@ -14,12 +14,12 @@ from .harness import (
     forward_functions,
     gene_graph,
     machine_info,
-    markdown_table,
     scrnalf_model,
     set_threads,
     time_interleaved,
     write_results,
 )
+from .targets import markdown_table
 
 GEMM_SIZE = 2048
 MODEL_ORDER = (

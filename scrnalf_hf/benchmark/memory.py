@@ -15,28 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-import time
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
+from ..machine import PeakMemory
 from .harness import (
     bert_peer,
     conditions_line,
     forward_functions,
     gene_graph,
     machine_info,
-    markdown_table,
     scrnalf_model,
     set_threads,
     time_interleaved,
     write_results,
 )
+from .targets import markdown_table
 
 # name -> (attention type or "bert", graph)
 MODELS = {
@@ -87,9 +87,9 @@ def benchmark_memory(
             timings = time_interleaved(forward_functions(built, config, batch_size, seed), warmup, repeats)
             del built
             for name in names:
-                graph_path = Path(scratch) / f"graph_{n_genes}_{MODELS[name][1]}.pt"
+                graph_path = Path(scratch) / f"graph_{n_genes}_{MODELS[name][1]}.npy"
                 if MODELS[name][1] is not None:
-                    torch.save(graphs[MODELS[name][1]], graph_path)
+                    np.save(graph_path, graphs[MODELS[name][1]].numpy())
                 peak = _peak_memory_in_subprocess(name, preset, n_genes, 1, graph_path, threads)
                 rows.append(
                     {
@@ -160,7 +160,7 @@ def _peak_memory_in_subprocess(name, preset, n_genes, batch_size, graph_path, th
 def _probe(args) -> None:
     """Subprocess entry: build one model, run one forward, print the peak RSS growth in MB."""
     set_threads(args.threads)
-    graph = torch.load(args.graph_path) if Path(args.graph_path).exists() else None
+    graph = torch.from_numpy(np.load(args.graph_path)) if Path(args.graph_path).exists() else None
     # Eager kernels: they materialise every intermediate, so their peak bounds the compiled
     # kernels' from above, and no compiler runs inside the measured forward.
     model = _build(args.probe, args.preset, args.n_genes, graph, kernel_implementation="eager")
@@ -168,21 +168,9 @@ def _probe(args) -> None:
     forward = forward_functions({args.probe: model}, config, args.batch_size)[args.probe]
     process = psutil.Process()
     before = process.memory_info().rss
-    peak = before
-    running = True
-
-    def sample():
-        nonlocal peak
-        while running:
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    forward()
-    running = False
-    sampler.join()
-    print(json.dumps({"peak_forward_mb": (max(peak, process.memory_info().rss) - before) / 2**20}))
+    with PeakMemory(interval=0.001) as peak:
+        forward()
+    print(json.dumps({"peak_forward_mb": (max(peak.bytes, process.memory_info().rss) - before) / 2**20}))
 
 
 def _markdown(results: dict) -> str:

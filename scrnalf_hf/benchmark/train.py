@@ -14,12 +14,20 @@ from torch import nn
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
 from ..modeling_scrnalf import ScrnaLongformerForMaskedGeneModeling
-from .harness import bert_peer, conditions_line, gemm_gflops, machine_info, markdown_table, set_threads, write_results
+from .harness import (
+    bert_peer,
+    conditions_line,
+    gemm_gflops,
+    machine_info,
+    set_threads,
+    write_results,
+)
+from .targets import markdown_table
 
 
 def simulated_expression(n_cells: int, n_genes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised expression (n_cells, G) of simulated cells and the gene graph built from them."""
-    from ..data.simulate import simulate
+    from ..data.simulation import simulate
     from ..processing_scrnalf import ScrnaLongformerProcessor
 
     cells = simulate(n_cells=n_cells, n_genes=n_genes, seed=seed)

@@ -1,37 +1,40 @@
-"""Data: AnnData I/O, conversion to ``datasets``, collators, splits, simulator, bundled data.
+"""Data: AnnData I/O, conversion to ``datasets``, the cells a model trains on, the collator,
+splits, the gene panel, the simulator and the bundled data.
 
-How a cell travels: ``.h5ad`` / AnnData → :func:`convert_anndata` (or :func:`stream_anndata`)
-→ sparse rows + ``genes.json`` → :class:`GenePanelCollator` / :class:`MaskedGeneCollator`
-(aligned to the model's gene panel, normalised) → model.
-
-``scrnalf_hf.data.simulate`` is the simulator *function*; import the rest of its module with
-``from scrnalf_hf.data.simulate import write_simulated_h5ad`` (``import ... as`` would bind the
-function).
+How a cell travels: ``.h5ad`` / AnnData → :func:`convert_anndata` (or converted on the fly by
+:func:`open_cells`) → sparse rows + ``genes.json`` → :class:`CellCollator` (aligned to the
+model's gene panel, densified per batch, normalised, masked) → model.
 """
 
 from .anndata_io import ExpressionSource, open_anndata, read_anndata
 from .bundled import load_celltypist_sample, load_pbmc68k_reduced
-from .collators import GenePanelCollator, MaskedGeneCollator
+from .cells import Cells, open_cells, panel_matrix
+from .collators import CellCollator, MaskSampler
 from .convert import DatasetGenes, convert_anndata, dataset_genes, stream_anndata
-from .simulate import SimulationSettings, simulate, write_simulated_h5ad
-from .splits import gene_graph_from_training, split_dataset, stratified_split
+from .panel import fit_processor, gene_graph
+from .simulation import SimulationSettings, simulate, write_simulated_h5ad
+from .splits import cross_validation_folds, split_off
 
 __all__ = [
+    "CellCollator",
+    "Cells",
     "DatasetGenes",
     "ExpressionSource",
-    "GenePanelCollator",
-    "MaskedGeneCollator",
+    "MaskSampler",
     "SimulationSettings",
     "convert_anndata",
+    "cross_validation_folds",
     "dataset_genes",
-    "gene_graph_from_training",
+    "fit_processor",
+    "gene_graph",
     "load_celltypist_sample",
     "load_pbmc68k_reduced",
     "open_anndata",
+    "open_cells",
+    "panel_matrix",
     "read_anndata",
     "simulate",
-    "split_dataset",
-    "stratified_split",
+    "split_off",
     "stream_anndata",
     "write_simulated_h5ad",
 ]

@@ -1,122 +1,109 @@
-"""Stratified train / validation / test splits, and fitting data-dependent state on train only.
+"""Choosing cells: one split function, cross-validation folds, and the checks that come first.
 
-The processor's normalisation is per cell (library-size scaling then log1p) and has no
-dataset-level statistics to fit; the one data-dependent piece of a model is its gene–gene kNN
-graph, which :func:`gene_graph_from_training` builds from training cells only, so that
-validation and test cells never shape the model (a leak of the first prototype).
+Every split is a set of row positions into one dataset. With class labels the split is
+stratified (every class keeps cells on both sides); without them (masked gene modelling,
+regression heads) it is a seeded random draw. Nothing fitted to data — the processor's gene
+panel, highly variable genes, the gene graph, the baselines — ever sees the held-out side
+(a leak of the first prototype).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import datasets
 import numpy as np
-
-from ..processing_scrnalf import ScrnaLongformerProcessor
-from .collators import GenePanelCollator
-from .convert import DatasetGenes
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 
-def stratified_split(
-    labels: Sequence | np.ndarray, validation_size: float = 0.1, test_size: float = 0.1, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Splits cell positions so that every label is represented in every split.
-
-    Each label's cells are shuffled (seeded) and ``round(size × n)`` of them, at least one,
-    go to each non-empty held-out split; the rest (at least one) train.
+def check_class_sizes(labels: np.ndarray, label_names: list[str], label_key: str, min_cells: int) -> None:
+    """Raise ``ValueError`` if there is a single class or a class has fewer than ``min_cells`` cells.
 
     Args:
-        labels: (n_cells,) label of each cell (any hashable values).
-        validation_size, test_size: fractions in [0, 1) of each label's cells; 0 skips a split.
-        seed: seed of the shuffle.
-
-    Returns:
-        ``{"train", "validation", "test"}`` → sorted int64 cell positions (empty for a skipped split).
-
-    Raises:
-        ValueError: a label has too few cells to appear in every split.
+        labels: (n_cells,) int class ids.
+        min_cells: cells each class needs (2 for a held-out split, the fold count for CV).
     """
-    if not (0 <= validation_size < 1 and 0 <= test_size < 1 and validation_size + test_size < 1):
+    counts = np.bincount(labels, minlength=len(label_names))
+    if len(label_names) < 2:
         raise ValueError(
-            f"validation_size and test_size must lie in [0, 1) and sum below 1, got {validation_size} and {test_size}."
+            f"label column {label_key!r} has a single class ({label_names!r}); classification needs at "
+            "least two. Choose another --label-key."
         )
-    labels = np.asarray(labels)
-    held_out = {"validation": validation_size, "test": test_size}
-    needed = 1 + sum(size > 0 for size in held_out.values())
-    names, counts = np.unique(labels, return_counts=True)
-    too_small = {str(name): int(count) for name, count in zip(names, counts) if count < needed}
-    if too_small:
+    rare = [(label_names[i], int(c)) for i, c in enumerate(counts) if c < min_cells]
+    if rare:
+        listed = ", ".join(f"{name!r} ({count} cell{'s' if count != 1 else ''})" for name, count in rare)
         raise ValueError(
-            f"labels with fewer than {needed} cells cannot appear in every split: {too_small}. "
-            "Drop or merge these labels, or set validation_size / test_size to 0."
+            f"label column {label_key!r}: every class needs at least {min_cells} cells for stratified "
+            f"splitting, but {listed} {'has' if len(rare) == 1 else 'have'} fewer. Remove or merge these "
+            "classes, use fewer folds, or pass --min-cells-per-label N to drop classes below N cells."
         )
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
-    for name in names:
-        cells = rng.permutation(np.flatnonzero(labels == name))
-        sizes = {split: max(1, round(size * len(cells))) if size > 0 else 0 for split, size in held_out.items()}
-        while len(cells) - sum(sizes.values()) < 1:  # keep a training cell; every split keeps one too
-            sizes[max(sizes, key=sizes.get)] -= 1
-        start = 0
-        for split, size in sizes.items():
-            parts[split].append(cells[start : start + size])
-            start += size
-        parts["train"].append(cells[start:])
-    return {split: np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for split, p in parts.items()}
 
 
-def split_dataset(
-    dataset: datasets.Dataset,
-    label_column: str = "label",
-    validation_size: float = 0.1,
-    test_size: float = 0.1,
-    seed: int = 0,
-) -> datasets.DatasetDict:
-    """A converted dataset → ``DatasetDict`` of train / validation / test, stratified by label.
-
-    Splits of size 0 are left out of the result.
-    """
-    if label_column not in dataset.column_names:
-        raise ValueError(f"column {label_column!r} not in the dataset; its columns are {dataset.column_names}.")
-    positions = stratified_split(np.asarray(dataset[label_column]), validation_size, test_size, seed)
-    return datasets.DatasetDict({split: dataset.select(rows) for split, rows in positions.items() if len(rows)})
+def check_split_sizes(n_cells: int, n_classes: int, n_parts: int, what: str = "fold") -> None:
+    """Raise ``ValueError`` if each of ``n_parts`` parts would hold fewer cells than there are classes."""
+    cells_per_part = n_cells // n_parts
+    if cells_per_part < n_classes:
+        raise ValueError(
+            f"each {what} would hold about {cells_per_part} cells ({n_cells} cells / {n_parts}) but there "
+            f"are {n_classes} classes, so most classes could not be scored in it. Use fewer folds "
+            f"(at most {max(1, n_cells // n_classes)}), more cells, or fewer classes."
+        )
 
 
-def gene_graph_from_training(
-    processor: ScrnaLongformerProcessor,
-    train_dataset: datasets.Dataset,
-    genes: DatasetGenes,
-    k: int,
-    max_cells: int = 5000,
-    batch_size: int = 1024,
-    seed: int = 0,
-) -> np.ndarray:
-    """The model's gene kNN graph from the training split only.
+def split_off(
+    positions: np.ndarray, fraction: float, *, seed: int = 0, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``positions`` into ``(kept, held_out)`` with ``fraction`` of them held out.
 
     Args:
-        processor: the model's processor.
-        train_dataset: the training split of a converted dataset (never validation or test).
-        genes: the dataset's gene list.
-        k: neighbours per gene, itself included (the config's ``knn_k``).
-        max_cells: training cells sampled (seeded) to bound time and memory.
-        batch_size: cells densified at a time.
+        positions: (n,) row positions to split.
+        fraction: share held out, in (0, 1).
+        seed: seed of the draw.
+        labels: (n_rows,) class ids indexed by position, or None for a random split. With labels
+            the split is stratified (scikit-learn's ``train_test_split``) and holds out at least as
+            many cells as there are classes; classes with a single cell stay in ``kept``.
 
     Returns:
-        (G, k) int64 neighbour table, ``-1`` = padding (``processor.build_gene_graph``).
+        Sorted int64 positions ``(kept, held_out)``.
     """
-    n_cells = len(train_dataset)
-    if n_cells == 0:
-        raise ValueError("the training dataset is empty; the gene graph needs training cells.")
-    rows = np.arange(n_cells)
-    if n_cells > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
-    collator = GenePanelCollator(processor, genes)
-    needed = train_dataset.select_columns(["indices", "values", "library_size"])
-    expression = np.concatenate(
-        [
-            collator([needed[int(r)] for r in rows[start : start + batch_size]])["expression"].numpy()
-            for start in range(0, len(rows), batch_size)
-        ]
-    )  # (cells, G) normalised
-    return processor.build_gene_graph(expression, k, max_cells=max_cells, seed=seed)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"a held-out fraction must lie in (0, 1), got {fraction}.")
+    positions = np.asarray(positions, dtype=np.int64)
+    if labels is None:
+        order = np.random.default_rng(seed).permutation(positions)
+        n_held_out = min(max(1, int(round(fraction * len(positions)))), len(positions) - 1)
+        if n_held_out < 1:
+            raise ValueError(f"{len(positions)} cells are too few to hold any out; use more cells.")
+        return np.sort(order[n_held_out:]), np.sort(order[:n_held_out])
+    sub_labels = labels[positions]
+    counts = np.bincount(sub_labels)
+    splittable = counts[sub_labels] >= 2
+    n_classes = len(np.unique(sub_labels[splittable]))
+    n_splittable = int(splittable.sum())
+    n_held_out = max(int(round(fraction * n_splittable)), n_classes)
+    if n_splittable - n_held_out < n_classes:
+        raise ValueError(
+            f"{len(positions)} cells of {len(counts[counts > 0])} classes are too few to hold out one cell per class "
+            "and keep one per class for training; use more cells or fewer classes."
+        )
+    kept, held_out = train_test_split(
+        positions[splittable], test_size=n_held_out, stratify=sub_labels[splittable], random_state=seed
+    )
+    return np.sort(np.concatenate([kept, positions[~splittable]])), np.sort(held_out)
+
+
+def cross_validation_folds(
+    n_cells: int, n_folds: int, *, seed: int = 0, labels: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds of row positions ``[(train, test), ...]``, shuffled with ``seed``; stratified when
+    ``labels`` (n_cells,) are given. Every method of a comparison receives exactly these folds."""
+    if n_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {n_folds}.")
+    if labels is None:
+        if n_cells < n_folds:
+            raise ValueError(f"{n_cells} cells cannot fill {n_folds} folds; use fewer folds.")
+        splitter = KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    else:
+        check_split_sizes(n_cells, int(labels.max()) + 1, n_folds)
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(n_cells), labels))
+
+
+__all__ = ["check_class_sizes", "check_split_sizes", "cross_validation_folds", "split_off"]

@@ -1,31 +1,20 @@
-"""Publishing: model and dataset cards, Hub-ready folders, ``push_to_hub``, the cell-type
-pipeline, and a local Hub server that stands in for huggingface.co in tests.
+"""Publishing: model and dataset cards, Hub-ready folders and ``push_to_hub``.
 
-Importing this package registers the ``cell-type-classification`` pipeline with transformers.
+Each head's pipeline is registered with transformers by its task declaration
+(:mod:`scrnalf_hf.training.tasks`); the offline Hub server for tests is in
+:mod:`scrnalf_hf.testing`.
 """
 
-from transformers import AutoModelForSequenceClassification
-from transformers.pipelines import PIPELINE_REGISTRY
-
 from .cards import TrainingRun, render_dataset_card, render_model_card, write_dataset_card, write_model_card
-from .folder import export_hub_folder, save_hub_folder
-from .local_hub import LocalHub
-from .pipeline_scrnalf import TASK as CELL_TYPE_TASK
-from .pipeline_scrnalf import CellTypeClassificationPipeline
+from .folder import export_hub_folder, load_saved_model, save_hub_folder
 from .push import HubFolderError, HubPushError, push_to_hub, validate_hub_folder
 
-PIPELINE_REGISTRY.register_pipeline(
-    CELL_TYPE_TASK, pipeline_class=CellTypeClassificationPipeline, pt_model=AutoModelForSequenceClassification
-)
-
 __all__ = [
-    "CELL_TYPE_TASK",
-    "CellTypeClassificationPipeline",
     "HubFolderError",
     "HubPushError",
-    "LocalHub",
     "TrainingRun",
     "export_hub_folder",
+    "load_saved_model",
     "push_to_hub",
     "render_dataset_card",
     "render_model_card",

@@ -186,8 +186,11 @@ class TrainingRun:
         return [id2label[key] for key in sorted(id2label, key=int)]
 
     @property
-    def is_classifier(self) -> bool:
-        return "ScrnaLongformerForCellClassification" in (self.config.get("architectures") or [])
+    def task(self):
+        """The head's task declaration (None for the bare encoder)."""
+        from ..training.tasks import task_for_model
+
+        return task_for_model(self.config)
 
     @property
     def species(self) -> str | None:
@@ -202,132 +205,135 @@ class TrainingRun:
         return None if value is None else float(value)
 
     def baseline_rows(self) -> dict[str, list[dict]]:
+        """Rows of every baseline the run measured (``comparison.json``), by method; the model's
+        own rows (presets, ensembles, ``pretrained``) are left out."""
+        task = self.task
+        baselines = set(task.baselines) if task is not None else set(BASELINE_NAMES)
         by_method: dict[str, list[dict]] = {}
         for row in self.comparison:
-            if row["method"] in BASELINE_NAMES:
+            if row["method"] in baselines:
                 by_method.setdefault(row["method"], []).append(row)
         return by_method
 
 
 def _card_metadata(run: TrainingRun, model_name: str, license: str) -> ModelCardData:
+    task = run.task
     tags = list(BASE_TAGS)
-    if run.is_classifier:
-        tags.append("cell-type-classification")
+    if task is not None:
+        tags.append(_slug(task.summary.split(" (")[0]))
     for extra in (run.species, run.tissue):
         if extra:
             tags.append(_slug(extra))
     dataset = run.run_info.get("dataset")
-    eval_results = None
-    accuracy, macro_f1 = run.metric("accuracy"), run.metric("macro_f1")
-    if accuracy is not None and macro_f1 is not None:
+    eval_results = []
+    if task is not None and task.predicts:
         common = dict(
             task_type=PIPELINE_TAG,
-            task_name="Cell-type classification",
+            task_name=task.summary[0].upper() + task.summary[1:],
             dataset_type=dataset or "custom",
             dataset_name=dataset or "held-out cells of the training dataset",
             dataset_split="test",
         )
-        eval_results = [
-            EvalResult(metric_type="accuracy", metric_name="Accuracy", metric_value=round(accuracy, 4), **common),
-            EvalResult(
-                metric_type="f1",
-                metric_name="Macro F1",
-                metric_config="macro",
-                metric_value=round(macro_f1, 4),
-                **common,
-            ),
-        ]
+        for name, (metric_type, metric_config) in task.metric_types.items():
+            value = run.metric(name)
+            if value is not None:
+                eval_results.append(
+                    EvalResult(
+                        metric_type=metric_type, metric_name=task.metric_labels.get(name, name),
+                        metric_config=metric_config, metric_value=round(value, 4), **common,
+                    )
+                )
     return ModelCardData(
         model_name=model_name,
         library_name="transformers",
         license=license,
         tags=tags,
         datasets=[dataset] if dataset else None,
-        metrics=["accuracy", "f1"] if eval_results else None,
-        pipeline_tag=PIPELINE_TAG if run.is_classifier else None,
-        eval_results=eval_results,
+        metrics=sorted({metric_type for metric_type, _ in task.metric_types.values()}) if eval_results else None,
+        pipeline_tag=PIPELINE_TAG if task is not None and task.pipeline is not None else None,
+        eval_results=eval_results or None,
     )
 
 
 def _evaluation(run: TrainingRun) -> tuple[str, str, str]:
-    """(intro sentence, Markdown table, majority-class note)."""
-    accuracy, macro_f1 = run.metric("accuracy"), run.metric("macro_f1")
-    if accuracy is None or macro_f1 is None:
-        loss = run.metric("loss")
-        what = f"an evaluation loss of {loss:.4f}" if loss is not None else "no evaluation metrics"
+    """(intro sentence, Markdown table, notes) of the held-out figures and the baselines."""
+    task = run.task
+    names = list(task.metric_names) if task is not None else ["loss"]
+    values = {name: run.metric(name) for name in names}
+    if all(value is None for value in values.values()):
         return (
-            f"This run recorded {what} and no cell-type accuracy / macro-F1 "
-            "(all_results.json / eval_results.json lack eval_accuracy and eval_macro_f1).",
+            "This run recorded no evaluation figures (all_results.json / eval_results.json lack "
+            + ", ".join(f"eval_{name}" for name in names) + ").",
             "",
             "",
         )
     n_eval = run.results.get("eval_samples") or run.run_info.get("n_eval_cells")
-    split = run.run_info.get("split") or "held-out test cells"
-    intro = (
-        f"Measured on {split}"
-        + (f" ({n_eval} cells)" if n_eval else "")
-        + ". Every baseline below was fitted on the same training cells and scored on the same held-out cells,"
-        " with the same preprocessed input."
-    )
-    rows = [
-        "| Method | Accuracy | Macro-F1 |",
-        "| --- | --- | --- |",
-        f"| **this model** | {accuracy:.3f} | {macro_f1:.3f} |",
-    ]
+    split = run.run_info.get("split") or "held-out cells"
+    intro = f"Measured on {split}" + (f" ({n_eval} cells)" if n_eval else "") + "."
+    labels = [task.metric_labels.get(name, name) if task is not None else name for name in names]
+    rows = ["| Method | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(names)]
+    rows.append("| **this model** | " + " | ".join("—" if v is None else f"{v:.3f}" for v in values.values()) + " |")
     baselines = run.baseline_rows()
-    if "logreg" not in baselines:
-        logger.warning(
-            "model card: no logreg row in %s; the baseline is marked 'not measured'.", run.run_dir / "comparison.json"
+    if task is not None and task.baselines:
+        intro += (
+            " Every baseline below was fitted on the same training cells and scored on the same held-out cells,"
+            " with the same preprocessed input."
         )
-        rows.append("| logistic regression | not measured (comparison.json missing or without a logreg row) | |")
+        if "logreg" in task.baselines and "logreg" not in baselines:
+            logger.warning(
+                "model card: no logreg row in %s; the baseline is marked 'not measured'.", run.run_dir / "comparison.json"
+            )
+            rows.append("| logistic regression | not measured (comparison.json missing or without a logreg row) |" + " |" * (len(names) - 1))
     for method, method_rows in sorted(baselines.items(), key=lambda item: (item[0] != "logreg", item[0])):
-        name = BASELINE_NAMES.get(method, method)
-        rows.append(
-            f"| {name} | {_mean_std([float(r['accuracy']) for r in method_rows])} "
-            f"| {_mean_std([float(r['macro_f1']) for r in method_rows])} |"
-        )
-    majority = baselines.get("majority")
-    notes = []
-    if majority:
-        floor = statistics.mean(float(r["macro_f1"]) for r in majority)
-        notes.append(
-            f"Always predicting the largest class scores macro-F1 {floor:.3f}; this model scores {macro_f1:.3f}."
-        )
-    per_class = (run.training_summary.get("metrics") or {}).get("per_class_f1")
-    if per_class:
-        notes.append(
-            "Per-class F1 of this model: "
-            + ", ".join(f"{label} {float(f1):.3f}" for label, f1 in per_class.items())
-            + "."
-        )
+        cells = [_mean_std([float(r[name]) for r in method_rows]) if name in method_rows[0] else "—" for name in names]
+        rows.append(f"| {BASELINE_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+    notes = task.card_notes(run) if task is not None else []
     return intro, "\n".join(rows), "\n\n".join(notes)
 
 
 def _training_text(run: TrainingRun) -> tuple[str, str]:
-    info, results, state = run.run_info, run.results, run.trainer_state
+    info, results = run.run_info, run.results
+    task = run.task
     dataset = info.get("dataset") or NOT_RECORDED + " (run_info.json missing)"
     n_train = results.get("train_samples") or info.get("n_train_cells")
     data = [f"- Dataset: {dataset}"]
     data.append(f"- Species / tissue: {info.get('species') or NOT_RECORDED} / {info.get('tissue') or NOT_RECORDED}")
-    if run.is_classifier:
+    if task is not None and task.target_option == "label_key":
         data.append(f"- Label column: `{info.get('label_key') or NOT_RECORDED}` ({len(run.labels)} labels)")
     data.append(f"- Training cells: {n_train if n_train else NOT_RECORDED}")
     if info.get("split"):
         data.append(f"- Split: {info['split']}")
-    data.append("- The gene graph and normalisation statistics were computed from the training cells only.")
+    panel = run.training_summary.get("gene_panel") or {}
+    if panel.get("highly_variable_genes"):
+        chosen = panel["highly_variable_genes"]
+        data.append(
+            f"- Gene panel: the {chosen['n_top_genes']} most variable of {chosen['chosen_from']} genes "
+            f"(scanpy `highly_variable_genes`, flavor `{chosen['flavor']}`, {chosen['n_cells']} training cells)."
+        )
+    data.append("- The gene panel and the gene graph were chosen from the training cells only.")
 
-    learning_rate = next((e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e), None)
+    what = f"Trained for {task.summary}" if task is not None else "Trained"
+    settings = run.training_summary.get("training")
+    if not settings:
+        return "\n".join(data), f"{what} with `transformers.Trainer`; training settings {NOT_RECORDED} (training_summary.json missing)."
+    epochs = f"{settings['epochs_run']:g} epochs"
+    if settings.get("early_stopped"):
+        epochs += f" of {settings['epochs_planned']:g} planned (early stopping)"
     procedure = [
-        "Fine-tuned for cell-type classification" if run.is_classifier else "Pretrained with masked gene modelling",
-        f" with `transformers.Trainer`: {state.get('num_train_epochs', results.get('epoch', NOT_RECORDED))} epochs,",
-        f" batch size {state.get('train_batch_size', NOT_RECORDED)},",
-        f" peak learning rate {learning_rate if learning_rate is not None else NOT_RECORDED},",
-        f" {state.get('global_step', NOT_RECORDED)} optimisation steps",
+        f"{what} with `transformers.Trainer`: {epochs}, {settings['global_step']} optimisation steps of "
+        f"{settings['batch_size']} cells, peak learning rate {settings['learning_rate']:g} "
+        f"({settings['lr_scheduler_type']} schedule, warm-up {settings['warmup_steps']:g}; token embeddings at "
+        f"{settings['embedding_learning_rate']:g}), weight decay {settings['weight_decay']:g}"
     ]
+    if settings.get("label_smoothing"):
+        procedure.append(f", label smoothing {settings['label_smoothing']:g}")
+    if run.training_summary.get("class_weighting"):
+        procedure.append(f", {run.training_summary['class_weighting']} class weights")
     if results.get("train_loss") is not None:
-        procedure.append(f", final training loss {float(results['train_loss']):.4f}")
-    if state.get("best_metric") is not None:
-        procedure.append(f"; best checkpoint selected on validation ({float(state['best_metric']):.4f})")
+        procedure.append(f"; final training loss {float(results['train_loss']):.4f}")
+    best = settings.get("best_metric")
+    if best and settings.get("best_step") is not None:
+        procedure.append(f"; the kept checkpoint is step {settings['best_step']} (validation {best['name']} {float(best['value']):.4f})")
     if info.get("seed") is not None:
         procedure.append(f"; seed {info['seed']}")
     return "\n".join(data), "".join(procedure) + "."
@@ -374,6 +380,31 @@ def _citation(model_name: str) -> str:
     )
 
 
+def _loading_code(task, repo_id: str) -> str:
+    """The card's example: load the processor and the head (and its pipeline) by repo id."""
+    auto_class = task.auto_class if task is not None else "AutoModel"
+    lines = [
+        f"from transformers import AutoFeatureExtractor, {auto_class}" + (", pipeline" if task is not None and task.pipeline else ""),
+        "",
+        f'repo_id, revision = "{repo_id}", "<commit id>"',
+        f"model = {auto_class}.from_pretrained(repo_id, revision=revision, trust_remote_code=True)",
+        "processor = AutoFeatureExtractor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)",
+        "inputs = processor(adata)  # AnnData, or a matrix with gene_names=[...]",
+    ]
+    if task is not None and task.target_option == "label_key":
+        lines.append("cell_types = model(**inputs).logits.argmax(-1)")
+    else:
+        lines.append("cell_embeddings = model(**inputs).cell_embedding")
+    if task is not None and task.pipeline is not None:
+        lines += [
+            "",
+            "# or, labels and scores in one call:",
+            "classify = pipeline(model=repo_id, revision=revision, trust_remote_code=True)",
+            'predictions = classify(adata)  # [{"label": ..., "score": ...}, ...] one per cell',
+        ]
+    return "\n".join(lines)
+
+
 def render_model_card(
     model_dir: str | Path,
     run_dir: str | Path | None = None,
@@ -405,19 +436,20 @@ def render_model_card(
             f"raw integer UMI counts; the processor scales each cell to {processor.get('target_sum', NOT_RECORDED)} "
             "counts and applies log1p."
         )
-    source = (
-        "`.raw`" if processor.get("use_raw") else f"layer `{processor['layer']}`" if processor.get("layer") else "`.X`"
-    )
-    species_clause = f" ({run.species})" if run.species else ""
-    if run.is_classifier:
-        task_sentence = f"This checkpoint classifies cells into {len(run.labels)} types."
-        intended_use = (
-            "annotating cells of the same kind of sample as the training data"
-            + (f" ({run.species}{', ' + run.tissue if run.tissue else ''})" if run.species else "")
-            + " with the labels above, and as a starting point for fine-tuning on related data."
-        )
+    if processor.get("use_raw"):
+        source = "`.raw`"
+    elif processor.get("layer") not in (None, "X"):
+        source = f"layer `{processor['layer']}`"
+    elif processor.get("layer") == "X" or processor.get("input_kind") == "log1p":
+        source = "`.X`"
     else:
-        task_sentence = "This checkpoint is a masked-gene-modelling encoder to fine-tune or embed cells with."
+        source = "the first present of `layers['counts']`, `.raw`, `.X`"
+    species_clause = f" ({run.species})" if run.species else ""
+    task = run.task
+    if task is not None:
+        task_sentence, intended_use = task.card_sentence(config), task.intended_use(config)
+    else:
+        task_sentence = "This checkpoint is the bare encoder: it embeds cells."
         intended_use = "cell embeddings and fine-tuning on downstream tasks with the same gene panel."
     extra_limitations = ""
     if not run.comparison:
@@ -442,7 +474,7 @@ def render_model_card(
         attention_type=config.get("attention_type"),
         pooling=config.get("pooling"),
         n_labels=len(run.labels),
-        labels=", ".join(run.labels) if run.is_classifier else "none (no classification head)",
+        labels=", ".join(run.labels) if run.labels else "none (no classification head)",
         alignment="by Ensembl id where both sides have ids, else by gene symbol (case-insensitive)"
         if processor.get("gene_ids")
         else "by gene symbol (case-insensitive)",
@@ -459,6 +491,8 @@ def render_model_card(
         species_clause=species_clause,
         extra_limitations=extra_limitations,
         citation=_citation(model_name),
+        loading_code=_loading_code(task, repo_id or f"<org>/{model_name}"),
+        pipeline_file=", `pipeline_scrnalf.py`" if task is not None and task.pipeline is not None else "",
         **_compute_cost(run),
     )
     return card

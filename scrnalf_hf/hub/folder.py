@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from .. import modeling_scrnalf
-from ..modeling_scrnalf import ScrnaLongformerForCellClassification, ScrnaLongformerPreTrainedModel
+from ..modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
+from ..training.tasks import TASKS, task_for_model
 from .cards import write_model_card
-from .pipeline_scrnalf import TASK, CellTypeClassificationPipeline
 
 # Copied beside the weights so the card's figures can be checked against their source.
 RUN_RECORDS = (
     "all_results.json",
     "eval_results.json",
     "train_results.json",
+    "trainer_state.json",
     "comparison.json",
     "run_info.json",
     "training_summary.json",
@@ -28,21 +30,72 @@ def save_hub_folder(
 ) -> Path:
     """Save weights (safetensors), config, processor and their remote code to ``output_dir``.
 
-    A cell classifier is saved through its pipeline, so the folder also carries
-    ``pipeline_scrnalf.py`` and ``custom_pipelines`` in config.json and loads with
+    A head whose task declares a pipeline is saved through it, so the folder also carries the
+    pipeline's code and ``custom_pipelines`` in config.json and loads with
     ``pipeline(model=folder_or_repo, trust_remote_code=True)``.
     """
     output_dir = Path(output_dir)
-    if isinstance(model, ScrnaLongformerForCellClassification):
-        if not model.config.id2label or len(model.config.id2label) != model.config.num_labels:
+    task = task_for_model(model)
+    if task is not None and task.pipeline is not None:
+        config = model.config
+        if task.target_option == "label_key" and (not config.id2label or len(config.id2label) != config.num_labels):
             raise ValueError(
                 "the classifier's config has no id2label; set label names before saving so predictions are readable."
             )
-        CellTypeClassificationPipeline(model=model, feature_extractor=processor, task=TASK).save_pretrained(output_dir)
+        pipeline_name, pipeline_class = task.pipeline
+        pipeline_class(model=model, feature_extractor=processor, task=pipeline_name).save_pretrained(output_dir)
     else:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
     return output_dir
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Raise a clear error for a ``--model`` that is neither a saved model folder nor a Hub repo
+    id (transformers would answer with "Repo id must be in the form ...")."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"--model {name_or_path} is a file; give the folder the model was saved to.")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{name_or_path} has no config.json, so it is not a saved model folder (save_pretrained, scrnalf "
+                "finetune and scrnalf pretrain write one)."
+            )
+        return
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        raise FileNotFoundError(f"no model folder at {name_or_path}, and it is not a Hub repo id (ORG/NAME) either.")
+
+
+@contextmanager
+def model_source_errors(name_or_path: str):
+    """Turn transformers' "cannot find / cannot reach" into one line naming the ``--model`` given."""
+    check_model_source(name_or_path)
+    try:
+        yield
+    except OSError as error:
+        if Path(name_or_path).exists():
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"no model folder at {name_or_path}, and the Hub repo {name_or_path} could not be loaded ({first})."
+        ) from error
+
+
+def load_saved_model(model_dir: str | Path) -> ScrnaLongformerPreTrainedModel:
+    """The model saved in ``model_dir`` as the class its ``config.json`` names (a known task's head
+    or the bare encoder)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; point at the folder the run saved its model to.")
+    config = json.loads(config_path.read_text())
+    task = task_for_model(config)
+    if task is not None:
+        return task.model_class.from_pretrained(model_dir)
+    if config.get("architectures") in (None, [ScrnaLongformerModel.__name__]):
+        return ScrnaLongformerModel.from_pretrained(model_dir)
+    known = [ScrnaLongformerModel.__name__, *(t.model_class.__name__ for t in TASKS.values())]
+    raise ValueError(f"{config_path} names architectures {config['architectures']}; expected one of {known}.")
 
 
 def export_hub_folder(
@@ -54,7 +107,7 @@ def export_hub_folder(
     license: str = "mit",
     benchmark_file: str | Path | None = None,
 ) -> Path:
-    """Turn a training run's saved model into a Hub-ready folder with a filled model card.
+    """Turn a training run's saved model into a fresh Hub-ready folder with a filled model card.
 
     Args:
         model_dir: where the run saved the model and processor (``save_pretrained``).
@@ -66,13 +119,7 @@ def export_hub_folder(
     run_dir = model_dir if run_dir is None else Path(run_dir)
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError(f"output_dir must differ from model_dir ({model_dir}); the Hub folder is written fresh.")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; point model_dir at the folder the run saved its model to.")
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    if len(architectures) != 1 or not hasattr(modeling_scrnalf, architectures[0]):
-        raise ValueError(f"{config_path} names architectures {architectures}; expected one scRNA longformer class.")
-    model = getattr(modeling_scrnalf, architectures[0]).from_pretrained(model_dir)
+    model = load_saved_model(model_dir)
     processor = ScrnaLongformerProcessor.from_pretrained(model_dir)
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -80,8 +127,8 @@ def export_hub_folder(
     for name in RUN_RECORDS:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, output_dir / name)
-    write_model_card(output_dir, run_dir, repo_id=repo_id, license=license, benchmark_file=benchmark_file)
+    write_model_card(output_dir, repo_id=repo_id, license=license, benchmark_file=benchmark_file)
     return output_dir
 
 
-__all__ = ["save_hub_folder", "export_hub_folder"]
+__all__ = ["check_model_source", "export_hub_folder", "load_saved_model", "model_source_errors", "save_hub_folder"]

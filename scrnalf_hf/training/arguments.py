@@ -1,18 +1,22 @@
-"""Command-line arguments of ``scrnalf pretrain`` / ``scrnalf finetune``, parsed with
+"""Command-line arguments of ``scrnalf finetune`` / ``scrnalf pretrain``, parsed with
 `transformers.HfArgumentParser` next to `TrainingArguments`, so every Trainer flag works.
 
-Both spellings work for every flag (``--train-file`` and ``--train_file``). Our recipe's
-defaults for Trainer flags are in ``FINETUNE_DEFAULTS`` / ``PRETRAIN_DEFAULTS``; any flag given
-on the command line overrides them.
+Both spellings work for every flag (``--train-file`` and ``--train_file``). The Trainer flags
+each task trains with unless the command line says otherwise are ``COMMON_DEFAULTS`` plus the
+task's own recipe (:attr:`~scrnalf_hf.training.tasks.Task.recipe`) and best-checkpoint metric.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+
+from .tasks import Task, get_task
 
 
 @dataclass
@@ -20,51 +24,83 @@ class DataArguments:
     """Which cells to read and how to split them."""
 
     train_file: str = field(metadata={"help": "an .h5ad file or a folder written by `scrnalf convert`."})
-    label_key: str | None = field(default=None, metadata={"help": "obs column with the cell labels (finetune)."})
-    layer: str | None = field(default=None, metadata={"help": "AnnData layer to read (default: counts layer, .raw, X)."})
+    label_key: str | None = field(
+        default=None, metadata={"help": "obs column with the cell labels (classification)."}
+    )
+    layer: str | None = field(default=None, metadata={"help": "AnnData layer to read ('X' for X; default: counts layer, .raw, X)."})
     use_raw: bool = field(default=False, metadata={"help": "read .raw.X."})
     input_kind: str = field(
-        default="auto", metadata={"help": "counts | log1p | auto (counts if all values are integers)."}
+        default="auto",
+        metadata={"help": "counts | log1p | auto (counts if all values are integers)."},
     )
-    test_fraction: float = field(
-        default=0.2, metadata={"help": "stratified fraction of cells held out for the final scores."}
+    n_top_genes: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep only the N most variable genes of the training cells as the model's panel "
+            "(scanpy highly_variable_genes; default: every gene).",
+        },
     )
-    validation_fraction: float = field(
-        default=0.1,
-        metadata={"help": "stratified fraction of the training cells used for early stopping / best checkpoint "
-                  "(0: train on every training cell and score the last epoch)."},
+    test_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "fraction of cells held out for the final scores (stratified for classification; "
+            "default 0.2, pretraining 0).",
+        },
+    )
+    validation_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "fraction of the training cells used for early stopping / best checkpoint (0: train on every "
+            "training cell and keep the last epoch; default 0.1, pretraining 0.05).",
+        },
     )
     min_cells_per_label: int | None = field(
-        default=None, metadata={"help": "drop classes with fewer cells (default: keep all, reject rare ones)."}
+        default=None,
+        metadata={"help": "drop classes with fewer cells (default: keep all, reject rare ones)."},
     )
-    max_train_cells: int | None = field(default=None, metadata={"help": "subsample the training cells (seeded)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "dataset name for reports and the model card."})
+    max_train_cells: int | None = field(
+        default=None, metadata={"help": "subsample the training cells (seeded)."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "dataset name for reports and the model card."}
+    )
 
 
 @dataclass
 class ModelArguments:
     """Which model to train."""
 
+    task: str | None = field(default=None, metadata={"help": "classification | masked_genes (default per command)."})
     preset: str | None = field(default=None, metadata={"help": "tiny | default | large (a fresh model)."})
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "a saved model folder or Hub repo id to start from.", "aliases": ["--model"]},
     )
-    freeze_encoder: bool = field(default=False, metadata={"help": "train only the classification head."})
+    freeze_encoder: bool = field(
+        default=False, metadata={"help": "train only the task head."}
+    )
     class_weighting: str | None = field(
-        default=None, metadata={"help": "None or 'balanced' (loss weights n / (C · n_c) from the training cells)."}
+        default=None,
+        metadata={
+            "help": "none | balanced (loss weights n / (C · n_c) from the training cells; classification).",
+        },
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "comma-separated config fields, e.g. 'pooling=cls,hidden_dropout=0.2,attention_type=dense'."},
+        metadata={
+            "help": "comma-separated config fields, e.g. 'pooling=cls,hidden_dropout=0.2,attention_type=dense'.",
+        },
     )
     early_stopping_patience: int = field(
-        default=8, metadata={"help": "evaluations without macro-F1 improvement before stopping (0 = off)."}
+        default=8,
+        metadata={
+            "help": "evaluations without improvement of the best-checkpoint metric before stopping (0 = off).",
+        },
     )
 
 
-# The recipe: Trainer flags we set unless the command line says otherwise.
-_COMMON_DEFAULTS = [
+# Trainer flags every task trains with unless the command line says otherwise.
+COMMON_DEFAULTS = (
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "128",
     "--weight_decay", "0.01",
@@ -79,30 +115,25 @@ _COMMON_DEFAULTS = [
     "--seed", "0",
     "--dataloader_num_workers", "0",
     "--dataloader_pin_memory", "false",
-    "--ddp_find_unused_parameters", "true",
-]
+    # The collator needs the dataset's own columns (indices, values, ...), not model arguments.
+    "--remove_unused_columns", "false",
+    # Every parameter of a head gets a gradient from its loss, so DDP needs no unused-parameter search.
+    "--ddp_find_unused_parameters", "false",
+)
 
-# The token embeddings (gene and value embeddings, unit-scale) train at this multiple of
-# --learning_rate in fine-tuning; the layers and the head at --learning_rate itself (see
-# finetune._SeededTrainer).
-EMBEDDING_LR_MULTIPLIER = 10.0
+# What each command trains by default, and its split fractions (test, validation).
+COMMAND_TASKS = {"finetune": "classification", "pretrain": "masked_genes"}
+COMMAND_FRACTIONS = {"finetune": (0.2, 0.1), "pretrain": (0.0, 0.05)}
 
-FINETUNE_DEFAULTS = [
-    *_COMMON_DEFAULTS,
-    "--learning_rate", "3e-3",
-    "--num_train_epochs", "40",
-    "--label_smoothing_factor", "0.1",
-    "--metric_for_best_model", "macro_f1",
-    "--greater_is_better", "true",
-]
 
-PRETRAIN_DEFAULTS = [
-    *_COMMON_DEFAULTS,
-    "--learning_rate", "3e-3",
-    "--num_train_epochs", "20",
-    "--metric_for_best_model", "loss",
-    "--greater_is_better", "false",
-]
+def task_defaults(task: Task) -> list[str]:
+    """The Trainer flags ``task`` trains with unless the command line says otherwise."""
+    return [
+        *COMMON_DEFAULTS,
+        *task.recipe,
+        "--metric_for_best_model", task.best_metric,
+        "--greater_is_better", str(task.greater_is_better).lower(),
+    ]
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -130,17 +161,88 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
-def parse_arguments(argv: list[str], defaults: list[str], output_dir_default: str | None = None):
-    """Parse ``argv`` into ``(DataArguments, ModelArguments, TrainingArguments)``.
+def _task_name(argv: list[str], command: str) -> str:
+    for index, argument in enumerate(argv):
+        if argument == "--task" and index + 1 < len(argv):
+            return argv[index + 1]
+        if argument.startswith("--task="):
+            return argument.split("=", 1)[1]
+    return COMMAND_TASKS[command]
 
-    ``defaults`` come first, so any flag in ``argv`` overrides them (argparse keeps the last).
-    """
-    parser = HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
-    argv = list(argv)
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+
+
+# Options that do not apply to a command (its help leaves them out).
+NOT_FOR = {"pretrain": {"label_key", "min_cells_per_label", "class_weighting", "freeze_encoder", "n_top_genes"}}
+
+
+def command_help(command: str) -> str:
+    """The options of ``scrnalf finetune`` / ``scrnalf pretrain`` with their help and defaults."""
+    lines = []
+    for group in (DataArguments, ModelArguments):
+        lines.append(f"{group.__doc__.strip()}")
+        for option in dataclasses.fields(group):
+            if option.name in NOT_FOR.get(command, ()):
+                continue
+            flag = ", ".join([*option.metadata.get("aliases", []), "--" + option.name.replace("_", "-")])
+            required = option.default is dataclasses.MISSING
+            default = "" if option.default is None or required else f" (default: {option.default})"
+            lines.append(f"  {flag:<28} {option.metadata.get('help', '')}{default}{' (required)' if required else ''}")
+        lines.append("")
+    test, validation = COMMAND_FRACTIONS[command]
+    lines.append(
+        f"Split fractions default to --test-fraction {test} and --validation-fraction {validation} for this command."
+    )
+    lines.append(
+        "Every flag of transformers.TrainingArguments works too (--num-train-epochs, --learning-rate, "
+        "--per-device-train-batch-size, --seed, --resume-from-checkpoint true, --log-level info, ...); "
+        f"`scrnalf {command} --help-all` lists them all."
+    )
+    return "\n".join(lines)
+
+
+
+def parse_arguments(argv: list[str], command: str = "finetune"):
+    """Parse ``argv`` of ``scrnalf finetune`` / ``scrnalf pretrain`` into ``(DataArguments,
+    ModelArguments, TrainingArguments)``: the task's defaults first, so any flag in ``argv``
+    overrides them (argparse keeps the last). Unset split fractions take the command's."""
+    task = get_task(_task_name(argv, command))
+    defaults = task_defaults(task)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Several CPU processes (torchrun / accelerate launch without GPUs): accelerate only sets
         # up multi-CPU data parallelism for use_cpu, and CPUs need the gloo backend.
         defaults = [*defaults, "--use_cpu", "true", "--ddp_backend", "gloo"]
-    if output_dir_default and not any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in argv):
-        argv = ["--output_dir", output_dir_default] + argv
-    return parser.parse_args_into_dataclasses(args=defaults + argv)
+    data_args, model_args, training_args = build_parser().parse_args_into_dataclasses(args=defaults + list(argv))
+    model_args.task = task.name
+    test_fraction, validation_fraction = COMMAND_FRACTIONS[command]
+    if data_args.test_fraction is None:
+        data_args.test_fraction = test_fraction
+    if data_args.validation_fraction is None:
+        data_args.validation_fraction = validation_fraction
+    if model_args.class_weighting == "none":
+        model_args.class_weighting = None
+    return data_args, model_args, training_args
+
+
+def training_arguments(task: Task, output_dir, seed: int = 0, flags: Sequence[str] = (), **overrides) -> TrainingArguments:
+    """The task's TrainingArguments (see :func:`task_defaults`), then ``flags`` (command-line
+    TrainingArguments flags, e.g. ``["--num_train_epochs", "10"]``), then ``overrides`` given as
+    such flags would be, e.g. ``{"num_train_epochs": 10}``."""
+    own = [f"--output_dir={output_dir}", f"--seed={seed}"]
+    named = [f"--{key}={value}" for key, value in overrides.items()]
+    parser = HfArgumentParser(TrainingArguments)
+    (training_args,) = parser.parse_args_into_dataclasses(args=[*task_defaults(task), *own, *flags, *named])
+    return training_args
+
+
+__all__ = [
+    "COMMON_DEFAULTS",
+    "DataArguments",
+    "ModelArguments",
+    "parse_arguments",
+    "parse_config_overrides",
+    "task_defaults",
+    "training_arguments",
+]

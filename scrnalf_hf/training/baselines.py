@@ -1,11 +1,13 @@
 """Classical baselines scored on exactly the same splits and input matrix as the transformer.
 
-Every baseline receives the dense (n_cells, n_genes) matrix that the processor produces for the
-model (same gene panel, same normalisation fitted on the training cells only), is fitted on the
-training cells only, and gets no tuning the transformer lacks: class weighting is one switch
-that applies to every method of a comparison or to none (``class_weighting``).
+Every baseline receives the (n_cells, n_genes) matrix that the processor produces for the model
+(same gene panel, same normalisation, chosen on the training cells only) as a sparse matrix —
+normalisation keeps zeros at zero, so it costs what the data costs, not cells × genes — is
+fitted on the training cells only, and gets no tuning the transformer lacks: class weighting is
+one switch that applies to every method of a comparison or to none (``class_weighting``).
 
-Methods (``BASELINES``):
+Each task declares which baselines apply to it (:mod:`~scrnalf_hf.training.tasks`).
+Classification (``CLASSIFICATION_BASELINES``):
 
 - ``majority``: always the most frequent training class — the floor every model must clear.
 - ``logreg``: scikit-learn ``LogisticRegression(max_iter=1000)`` on the matrix as is (the
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import RandomForestClassifier
@@ -58,7 +61,8 @@ class _KnnOnPca:
     def __init__(self, seed: int, n_components: int = 50, n_neighbors: int = 15):
         self.seed, self.n_components, self.n_neighbors = seed, n_components, n_neighbors
 
-    def fit(self, features: np.ndarray, labels: np.ndarray) -> "_KnnOnPca":
+    def fit(self, features, labels: np.ndarray) -> "_KnnOnPca":
+        features = _dense(features)
         n_components = min(self.n_components, features.shape[0] - 1, features.shape[1])
         n_neighbors = min(self.n_neighbors, features.shape[0])
         self.pipeline = make_pipeline(
@@ -67,11 +71,16 @@ class _KnnOnPca:
         ).fit(features, labels)
         return self
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return self.pipeline.predict(features)
+    def predict(self, features) -> np.ndarray:
+        return self.pipeline.predict(_dense(features))
 
 
-BASELINES: dict[str, Callable] = {
+def _dense(features) -> np.ndarray:
+    """PCA needs a dense matrix; kNN on PCA is meant for datasets small enough to hold one."""
+    return features.toarray() if sp.issparse(features) else np.asarray(features)
+
+
+CLASSIFICATION_BASELINES: dict[str, Callable] = {
     "majority": _majority,
     "logreg": _logreg,
     "random_forest": _random_forest,
@@ -83,7 +92,7 @@ BASELINES: dict[str, Callable] = {
 class BaselineResult:
     """What one baseline fit on one split produced."""
 
-    predictions: np.ndarray  # (n_eval,) predicted class ids
+    predictions: np.ndarray  # (n_eval,) point predictions (class ids for classification)
     train_seconds: float
     n_parameters: int
 
@@ -109,9 +118,10 @@ def count_parameters(estimator) -> int:
 
 def fit_baseline(
     name: str,
-    train_features: np.ndarray,
-    train_labels: np.ndarray,
-    eval_features: np.ndarray,
+    factories: dict[str, Callable],
+    train_features,
+    train_targets: np.ndarray,
+    eval_features,
     *,
     seed: int = 0,
     class_weighting: str | None = None,
@@ -119,15 +129,16 @@ def fit_baseline(
     """Fit baseline ``name`` on the training cells and predict the evaluation cells.
 
     Args:
-        name: a key of ``BASELINES``.
-        train_features: (n_train, n_genes) float matrix, the processor's output for training cells.
-        train_labels: (n_train,) int class ids.
-        eval_features: (n_eval, n_genes) float matrix from the same processor.
+        name: a key of ``factories`` (the task's baselines).
+        factories: name -> ``factory(seed, class_weighting)`` of an estimator.
+        train_features: (n_train, n_genes) processor output of the training cells (sparse or dense).
+        train_targets: (n_train,) targets (class ids for classification).
+        eval_features: (n_eval, n_genes) from the same processor.
         seed: random state of the estimator.
         class_weighting: ``None`` or ``"balanced"``; must be the same for every method compared.
     """
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}.")
+    if name not in factories:
+        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(factories)}.")
     if class_weighting not in CLASS_WEIGHTINGS:
         raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {class_weighting!r}.")
     if train_features.shape[1] != eval_features.shape[1]:
@@ -135,9 +146,9 @@ def fit_baseline(
             f"training and evaluation matrices must share the gene panel; got "
             f"{train_features.shape[1]} and {eval_features.shape[1]} genes."
         )
-    estimator = BASELINES[name](seed, class_weighting)
+    estimator = factories[name](seed, class_weighting)
     start = time.perf_counter()
-    estimator.fit(train_features, train_labels)
+    estimator.fit(train_features, train_targets)
     train_seconds = time.perf_counter() - start
-    predictions = np.asarray(estimator.predict(eval_features), dtype=np.int64)
+    predictions = np.asarray(estimator.predict(eval_features))
     return BaselineResult(predictions, train_seconds, count_parameters(estimator))

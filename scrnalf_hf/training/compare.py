@@ -1,22 +1,26 @@
-"""``scrnalf compare``: every method on the same stratified folds, the same input, no favourites.
+"""``scrnalf compare``: every method on the same cells, the same input, no favourites.
 
-For each fold, the processor is built from the dataset's genes, the training cells of the fold
-are encoded once, and every method sees exactly that (n_cells, G) matrix: the baselines fit on
-all training cells of the fold; a transformer preset fine-tunes on them, holding out a stratified
-validation part of them for early stopping / best checkpoint (so it trains on fewer cells than
-the baselines, never more). Test cells of the fold are touched only to score.
+Either ``n_folds`` folds of one dataset (stratified by class where the task has classes), or the
+whole training dataset against a separate test dataset (``test_cells``: another file, aligned to
+each model's gene panel; cells of classes the training data lacks are not scored). Per fold the
+processor's panel is chosen on the fold's training cells, and every method sees exactly that
+processor output: the baselines fit on all training cells of the fold; a transformer preset
+fine-tunes on them, holding out a validation part of them for early stopping / best checkpoint
+(so it trains on fewer cells than the baselines, never more). Test cells are touched only to
+score.
 
 Writes into ``output_dir``:
 
 ``comparison.json``
-    a list of rows ``{"method", "fold", "accuracy", "macro_f1", "train_seconds", "n_parameters"}``
+    a list of rows ``{"method", "fold", <the task's metrics>, "train_seconds", "n_parameters"}``
     (rewritten after every fitted method, so an interrupted run keeps what it finished).
 ``comparison.md``
-    Markdown table: mean ± std (over folds) per method, and the worst fold's macro-F1.
+    Markdown table: mean ± std (over folds) per method, and the worst fold of the first metric.
 ``comparison.png``
-    macro-F1 and accuracy per method (bars = mean, dots = folds).
+    each metric per method (bars = mean, labelled; dots = folds).
 ``comparison_predictions.npz``
-    out-of-fold predicted class ids per method (``<method>``, (n_cells,)), ``labels``, ``fold``.
+    out-of-fold point predictions per method (``<method>``, (n_cells,); -1 / NaN where not
+    scored), the targets (``labels``) and each cell's ``fold``.
 ``runs/<method>/fold<k>/``
     each transformer fit's Trainer output (final model + processor; checkpoints removed).
 """
@@ -29,37 +33,37 @@ import logging
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-from scipy.special import softmax
 from transformers import TrainingArguments
 
-from .baselines import BASELINES, fit_baseline
-from .cells import LabelledCells, check_labels, encode, fit_processor, stratified_folds
-from .metrics import classification_metrics
+from ..data.cells import Cells
+from ..data.splits import check_class_sizes, cross_validation_folds
+from ..presets import PRESET_NAMES
+from .finetune import CellPart, fit_baselines, finetune, score_held_out
+from .tasks import Targets, Task
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "default", "large")
-ROW_KEYS = ("method", "fold", "accuracy", "macro_f1", "train_seconds", "n_parameters")
 
-
-def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    """``"tiny,default,logreg"`` -> ``["tiny", "default", "logreg"]``, checked, with
-    ``majority`` added (every comparison shows the floor)."""
+def parse_methods(task: Task, methods: str | Sequence[str]) -> list[str]:
+    """``"tiny,default,logreg"`` -> ``["tiny", "default", "logreg"]``, checked against the presets
+    and the task's baselines, with the task's floor baseline (e.g. ``majority``) added."""
     names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    unknown = [m for m in names if m not in PRESETS and m not in BASELINES]
+    unknown = [m for m in names if m not in PRESET_NAMES and m not in task.baselines]
     if unknown:
         raise ValueError(
-            f"unknown method(s) {unknown}; choose transformer presets from {list(PRESETS)} and baselines "
-            f"from {sorted(BASELINES)}."
+            f"unknown method(s) {unknown} for {task.summary}; choose transformer presets from {list(PRESET_NAMES)} "
+            f"and baselines from {sorted(task.baselines)}."
         )
     if len(set(names)) != len(names):
         raise ValueError(f"a method is listed twice in {names}.")
-    return names if "majority" in names else [*names, "majority"]
+    if task.floor is not None and task.floor not in names:
+        names.append(task.floor)
+    return names
 
 
 @dataclass
@@ -67,11 +71,11 @@ class ComparisonResult:
     """Rows as written to comparison.json, plus out-of-fold predictions.
 
     Attributes:
-        rows: one dict per (method, fold), keys ``ROW_KEYS``.
-        predictions: method -> (n_cells,) out-of-fold predicted class ids (-1 where not scored).
-        folds: (n_cells,) fold in which each cell was a test cell.
-        fold_models: method -> {fold: FinetuneResult} for transformer methods (kept in memory
-            only when ``keep_models``).
+        rows: one dict per (method, fold).
+        predictions: method -> (n_test_cells,) point predictions (-1 where not scored).
+        folds: (n_test_cells,) fold in which each cell was a test cell (-1: never).
+        fold_models: method -> {fold: (FitResult, HeldOutScores)} for transformer methods (kept in
+            memory only when ``keep_models``).
     """
 
     rows: list[dict]
@@ -81,139 +85,155 @@ class ComparisonResult:
 
 
 def compare(
-    cells: LabelledCells,
+    task: Task,
+    cells: Cells,
+    targets: Targets,
     methods: str | Sequence[str],
     output_dir: str | Path,
+    training_args: TrainingArguments | dict[str, TrainingArguments],
     *,
     n_folds: int = 5,
+    test_cells: Cells | None = None,
+    test_targets: Targets | None = None,
     seed: int = 0,
     class_weighting: str | None = None,
-    training_args: TrainingArguments | dict[str, TrainingArguments] | None = None,
     config_overrides: dict | None = None,
+    n_top_genes: int | None = None,
     validation_fraction: float = 0.1,
     early_stopping_patience: int = 8,
     only_folds: Sequence[int] | None = None,
     keep_models: bool = False,
     ensemble: int = 1,
 ) -> ComparisonResult:
-    """Run every method on the same ``n_folds`` stratified folds (shuffled with ``seed``).
+    """Run every method on the same folds (or the same separate test cells).
 
     Args:
-        cells: cells and labels (:func:`~scrnalf_hf.training.cells.load_labelled_cells`).
-        methods: transformer presets (``tiny``, ``default``, ``large``) and baselines
-            (``logreg``, ``random_forest``, ``knn_pca``, ``majority``), comma-separated or a list.
+        task: the head (classification: presets against logistic regression, random forest, ...).
+        cells / targets: the dataset and the task's targets of it.
+        methods: transformer presets and the task's baselines, comma-separated or a list.
         output_dir: where the files listed in the module docstring go.
-        class_weighting: ``None`` or ``"balanced"``, applied to every method alike.
         training_args: Trainer settings for the transformer methods (``output_dir`` is replaced
-            per fit), or a dict preset -> settings; the finetune recipe's defaults when None.
+            per fit), or a dict preset -> settings.
+        n_folds: cross-validation folds (shuffled with ``seed``); ignored with ``test_cells``.
+        test_cells / test_targets: score on this other dataset instead of folds.
+        class_weighting: ``None`` or ``"balanced"``, applied to every method alike.
         config_overrides: config fields for every transformer preset (e.g. pooling).
-        only_folds: score only these folds (0-based) of the ``n_folds`` split, e.g. for a quick
-            demo; every method still gets exactly the same folds.
-        keep_models: keep each transformer fit (model, processor, test embeddings) in the result.
+        n_top_genes: every method's panel is the fold's training cells' most variable genes.
+        only_folds: score only these folds (0-based), e.g. for a quick demo; every method still
+            gets exactly the same folds.
+        keep_models: keep each transformer fit (model, processor, held-out scores) in the result.
         ensemble: fit each transformer preset this many times per fold, with seeds ``seed`` …
-            ``seed + ensemble - 1`` (each also drawing its own validation cells), and predict
-            the class of highest mean probability; the row is named ``<preset>×<ensemble>`` and
-            counts the summed training time and parameters. Baselines are deterministic given
-            their seed and are fitted once.
+            ``seed + ensemble - 1`` (each also drawing its own validation cells), and average
+            their kept predictions (class probabilities); the row is named
+            ``<preset>×<ensemble>`` and counts the summed training time and parameters.
 
     Raises:
         ValueError: unknown methods, classes too small for ``n_folds``, folds smaller than the
             number of classes — before anything is trained.
     """
-    from .finetune import finetune
-
-    method_names = parse_methods(methods)
+    if task.score is None:
+        raise ValueError(f"compare scores predictions, and {task.summary} makes none to score; compare a head instead.")
+    method_names = parse_methods(task, methods)
     if ensemble < 1 or (ensemble > 1 and keep_models):
         raise ValueError(f"ensemble must be a positive number of fits (and 1 with keep_models), got {ensemble}.")
-    check_labels(cells.labels, cells.label_names, cells.label_key, min_cells=n_folds)
-    folds = stratified_folds(cells.labels, n_folds, seed=seed)
+    usable = np.flatnonzero(targets.usable)
+    stratify = None if targets.stratify is None else targets.stratify[usable]
+    if test_cells is None:
+        if targets.names is not None:
+            check_class_sizes(targets.values[usable], targets.names, targets.key, min_cells=n_folds)
+        folds = [(usable[train], usable[test]) for train, test in cross_validation_folds(len(usable), n_folds, seed=seed, labels=stratify)]
+        test_side, test_labels = CellPart(cells, targets, usable), targets
+        description = f"{n_folds}-fold {'stratified ' if stratify is not None else ''}CV"
+    else:
+        test_labels = task.align_targets(test_targets, targets) if task.align_targets else test_targets
+        test_rows = np.flatnonzero(test_labels.usable)
+        folds, n_folds = [(usable, test_rows)], 1
+        test_side = CellPart(test_cells, test_labels, test_rows)
+        description = f"trained on {cells.name}, tested on {test_cells.name} ({len(test_rows)} cells)"
     fold_numbers = list(range(n_folds)) if only_folds is None else sorted(set(only_folds))
     if any(f < 0 or f >= n_folds for f in fold_numbers):
-        raise ValueError(f"only_folds must lie in [0, {n_folds}), got {list(only_folds)}.")
-    if any(m in PRESETS for m in method_names) and training_args is None:
-        training_args = default_training_args(Path(output_dir) / "runs", seed=seed)
+        raise ValueError(f"--folds must lie in [0, {n_folds}), got {list(only_folds)}.")
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    row_names = {m: m if m in BASELINES or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
-    predictions = {row_names[m]: np.full(cells.n_cells, -1, dtype=np.int64) for m in method_names}
-    fold_of_cell = np.full(cells.n_cells, -1, dtype=np.int64)
+    row_names = {m: m if m in task.baselines or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
+    n_test = test_side.cells.n_cells
+    predictions = {row_names[m]: np.full(n_test, -1, dtype=np.int64 if targets.names else np.float64) for m in method_names}
+    fold_of_cell = np.full(n_test, -1, dtype=np.int64)
     fold_models: dict = {}
     started = time.perf_counter()
     for fold in fold_numbers:
-        train_index, test_index = folds[fold]
-        fold_of_cell[test_index] = fold
-        processor = fit_processor(cells)
-        train_features = encode(processor, cells, train_index)["expression"]
-        test_features = encode(processor, cells, test_index)["expression"]
+        train_rows, test_rows = folds[fold]
+        fold_of_cell[test_rows] = fold
+        test = CellPart(test_side.cells, test_labels, test_rows)
+        baseline_names = [m for m in method_names if m in task.baselines]
+        baseline_rows, baseline_points = {}, {}
+        if baseline_names:
+            from ..data.panel import fit_processor
+
+            logger.warning("compare: fold %d of %d, baselines %s", fold, n_folds, ", ".join(baseline_names))
+            fitted_rows, baseline_points = fit_baselines(
+                task, fit_processor(cells, train_rows, n_top_genes, seed=seed), CellPart(cells, targets, train_rows),
+                test, baseline_names, seed=seed, class_weighting=class_weighting, fold=fold,
+            )
+            baseline_rows = {row["method"]: row for row in fitted_rows}
         for method in method_names:
-            logger.warning("compare: fold %d/%d, %s (%.0f s elapsed)", fold + 1, n_folds, method, time.perf_counter() - started)
-            if method in BASELINES:
-                fitted = fit_baseline(
-                    method, train_features, cells.labels[train_index], test_features,
-                    seed=seed, class_weighting=class_weighting,
-                )
-                fold_predictions, seconds, n_parameters = fitted.predictions, fitted.train_seconds, fitted.n_parameters
+            if method in task.baselines:
+                row, point = baseline_rows[method], baseline_points[method]
             else:
-                probabilities, seconds, n_parameters = 0.0, 0.0, 0
+                logger.warning("compare: fold %d of %d, %s (%.0f s elapsed)", fold, n_folds, method, time.perf_counter() - started)
                 method_args = training_args[method] if isinstance(training_args, dict) else training_args
+                kept, seconds, n_parameters = {}, 0.0, 0
                 for member in range(ensemble):
                     run_dir = output_dir / "runs" / method / f"fold{fold}"
                     if ensemble > 1:
                         run_dir = run_dir / f"seed{seed + member}"
                     args = dataclasses.replace(method_args, output_dir=str(run_dir), seed=method_args.seed + member)
                     result = finetune(
-                        cells, train_index, test_index, args, preset=method, config_overrides=config_overrides,
-                        class_weighting=class_weighting, validation_fraction=validation_fraction,
-                        early_stopping_patience=early_stopping_patience,
+                        task, cells, targets, train_rows, args, preset=method, n_top_genes=n_top_genes,
+                        config_overrides=config_overrides, class_weighting=class_weighting,
+                        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
                     )
+                    held_out = score_held_out(result, test)
                     if result.trainer.is_world_process_zero():
                         result.trainer.save_model(str(run_dir))
                         for checkpoint in run_dir.glob("checkpoint-*"):
                             shutil.rmtree(checkpoint, ignore_errors=True)
-                    probabilities = probabilities + softmax(result.logits, axis=1)
+                    for name, values in held_out.predicted.items():
+                        kept[name] = kept.get(name, 0.0) + values / ensemble
                     seconds += result.train_seconds
                     n_parameters += result.n_parameters
                     if keep_models:
-                        fold_models.setdefault(method, {})[fold] = result
-                fold_predictions = np.asarray(probabilities).argmax(-1)
-            name = row_names[method]
-            scores = classification_metrics(cells.labels[test_index], fold_predictions, cells.n_classes, per_class=False)
-            predictions[name][test_index] = fold_predictions
-            rows.append(
-                {"method": name, "fold": fold, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
-                 "train_seconds": float(seconds), "n_parameters": int(n_parameters)}
-            )
+                        fold_models.setdefault(method, {})[fold] = (result, held_out)
+                point = task.point(kept)
+                scores = task.score(test_labels.values[test_rows], point, test_labels, detailed=False)
+                row = {"method": row_names[method], "fold": fold, **scores, "train_seconds": float(seconds),
+                       "n_parameters": int(n_parameters)}
+            row["method"] = row_names[method]
+            rows.append(row)
+            predictions[row_names[method]][test_rows] = point
             logger.warning(
-                "compare: fold %d %s accuracy %.3f macro-F1 %.3f (%.1f s)", fold, name, scores["accuracy"], scores["macro_f1"], seconds
+                "compare: fold %d %s %s (%.1f s)", fold, row["method"],
+                " ".join(f"{name} {row[name]:.3f}" for name in task.metric_names), row["train_seconds"],
             )
             (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
 
-    np.savez(output_dir / "comparison_predictions.npz", labels=cells.labels, fold=fold_of_cell, **predictions)
-    table = comparison_table(rows, title=f"{cells.dataset_name}, label `{cells.label_key}`, {n_folds}-fold stratified CV")
+    np.savez(output_dir / "comparison_predictions.npz", labels=test_labels.values if test_labels.values is not None else [],
+             fold=fold_of_cell, **predictions)
+    scored = f"fold {fold_numbers[0]} of " if len(fold_numbers) == 1 and n_folds > 1 else ""
+    title = f"{cells.name}, {task.summary}" + (f" of `{targets.key}`" if targets.key else "") + f", {scored}{description}"
+    table = comparison_table(rows, task, title=title)
     (output_dir / "comparison.md").write_text(table)
-    plot_comparison(rows, output_dir / "comparison.png", title=f"{cells.dataset_name} · {cells.label_key}")
-    print(table)
+    plot_comparison(rows, task, output_dir / "comparison.png", title=title)
     return ComparisonResult(rows=rows, predictions=predictions, folds=fold_of_cell, fold_models=fold_models)
 
 
-def default_training_args(output_dir: str | Path, seed: int = 0, **overrides) -> TrainingArguments:
-    """The finetune recipe's TrainingArguments (``FINETUNE_DEFAULTS``), with overrides given as
-    command-line flags would be, e.g. ``{"num_train_epochs": 10}``."""
-    from .arguments import FINETUNE_DEFAULTS, parse_arguments
-
-    flags = [f"--seed={seed}"]
-    for key, value in overrides.items():
-        flags.append(f"--{key}={value}")
-    _, _, training_args = parse_arguments(["--train_file", "unused", "--output_dir", str(output_dir), *flags], FINETUNE_DEFAULTS)
-    return training_args
-
-
-def summarise(rows: Sequence[dict]) -> list[dict]:
+def summarise(rows: Sequence[dict], task: Task) -> list[dict]:
     """Per method (in first-appearance order): number of folds, mean and std (sample std over
-    folds; 0 for one fold) of accuracy, macro-F1, train seconds; the worst fold's macro-F1; and
-    the parameter count (mean)."""
+    folds; 0 for one fold) of each of the task's metrics and of the training seconds; the worst
+    fold's value of the task's best-checkpoint metric; and the parameter count (mean)."""
+    metric_names = task.metric_names
     methods = list(dict.fromkeys(row["method"] for row in rows))
     summary = []
     for method in methods:
@@ -223,83 +243,72 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
             values = [float(row[key]) for row in chosen]
             return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+        worst = min if task.greater_is_better else max
         summary.append(
             {
                 "method": method,
                 "folds": len(chosen),
-                "accuracy": stats("accuracy"),
-                "macro_f1": stats("macro_f1"),
+                **{name: stats(name) for name in metric_names},
                 "train_seconds": stats("train_seconds"),
-                "worst_fold_macro_f1": min(float(row["macro_f1"]) for row in chosen),
+                "worst_fold": worst(float(row[task.best_metric]) for row in chosen),
                 "n_parameters": int(round(statistics.fmean(int(row["n_parameters"]) for row in chosen))),
             }
         )
     return summary
 
 
-def comparison_table(rows: Sequence[dict], title: str | None = None) -> str:
-    """A Markdown table of :func:`summarise` (mean ± std over folds)."""
+def comparison_table(rows: Sequence[dict], task: Task, title: str | None = None) -> str:
+    """A Markdown table of :func:`summarise`: mean ± std over the scored folds, or the single
+    figure when one fold was scored."""
+    names = list(task.metric_names)
+    labels = [task.metric_labels.get(name, name) for name in names]
+    summary = summarise(rows, task)
+    several = any(entry["folds"] > 1 for entry in summary)
     lines = [f"**{title}**", ""] if title else []
-    lines += [
-        "| method | folds | accuracy | macro-F1 | worst-fold macro-F1 | train s / fold | parameters |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for entry in summarise(rows):
-        (acc, acc_sd), (f1, f1_sd), (sec, _) = entry["accuracy"], entry["macro_f1"], entry["train_seconds"]
-        lines.append(
-            f"| {entry['method']} | {entry['folds']} | {acc:.3f} ± {acc_sd:.3f} | {f1:.3f} ± {f1_sd:.3f} | "
-            f"{entry['worst_fold_macro_f1']:.3f} | {sec:.1f} | {entry['n_parameters']:,} |"
-        )
+    worst = f"worst-fold {task.metric_labels.get(task.best_metric, task.best_metric)}"
+    header = ["method", "folds", *labels] + ([worst] if several else []) + ["train s / fold", "parameters"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for entry in summary:
+        figures = [f"{entry[n][0]:.3f} ± {entry[n][1]:.3f}" if entry["folds"] > 1 else f"{entry[n][0]:.3f}" for n in names]
+        cells = [entry["method"], str(entry["folds"]), *figures]
+        if several:
+            cells.append(f"{entry['worst_fold']:.3f}")
+        cells += [f"{entry['train_seconds'][0]:.1f}", f"{entry['n_parameters']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Bars of mean macro-F1 and accuracy per method, one dot per fold."""
+def plot_comparison(rows: Sequence[dict], task: Task, path: str | Path, title: str = "") -> None:
+    """One panel per metric: bars of the mean per method with the value written on them, one
+    dot per fold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarise(rows)
+    names = list(task.metric_names)
+    summary = summarise(rows, task)
     methods = [entry["method"] for entry in summary]
-    figure, axes = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(methods) * 2), 4), sharey=True)
-    for axis, key, label in ((axes[0], "macro_f1", "macro-F1"), (axes[1], "accuracy", "accuracy")):
-        means = [entry[key][0] for entry in summary]
-        stds = [entry[key][1] for entry in summary]
+    figure, axes = plt.subplots(1, len(names), figsize=(max(6, 1.3 * len(methods) * len(names)), 4.2), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        means = [entry[name][0] for entry in summary]
+        stds = [entry[name][1] for entry in summary]
         positions = np.arange(len(methods))
-        axis.bar(positions, means, yerr=stds, color="#9ecae1", edgecolor="#3182bd", capsize=4)
+        bars = axis.bar(positions, means, yerr=stds, color="#9ecae1", edgecolor="#3182bd", capsize=4)
+        axis.bar_label(bars, labels=[f"{m:.3f}" for m in means], padding=2, fontsize=8)
         for position, method in zip(positions, methods):
-            values = [row[key] for row in rows if row["method"] == method]
-            axis.scatter(np.full(len(values), position), values, color="#08519c", s=12, zorder=3)
+            values = [row[name] for row in rows if row["method"] == method]
+            if len(values) > 1:
+                axis.scatter(np.full(len(values), position), values, color="#08519c", s=12, zorder=3)
         axis.set_xticks(positions, methods, rotation=30, ha="right")
-        axis.set_ylabel(label)
-        axis.set_ylim(0, 1)
+        axis.set_ylabel(task.metric_labels.get(name, name))
+        if task.greater_is_better:
+            axis.set_ylim(0, 1.08)
         axis.grid(axis="y", alpha=0.3)
-    figure.suptitle(title)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def run_compare(args) -> ComparisonResult:
-    """``scrnalf compare``: ``args`` from the CLI; ``args.extra_args`` are TrainingArguments flags
-    for the transformer presets (e.g. ``--num_train_epochs 20 --learning_rate 1e-3``)."""
-    from .arguments import FINETUNE_DEFAULTS, parse_arguments, parse_config_overrides
-    from .cells import load_labelled_cells
-
-    cells = load_labelled_cells(
-        args.train_file, args.label_key, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-        min_cells_per_label=args.min_cells_per_label, dataset_name=args.dataset_name,
-    )
-    extra = list(getattr(args, "extra_args", []) or [])
-    _, _, training_args = parse_arguments(
-        ["--train_file", args.train_file, "--output_dir", str(Path(args.output_dir) / "runs"), f"--seed={args.seed}", *extra],
-        FINETUNE_DEFAULTS,
-    )
-    only_folds = None if args.folds is None else [int(f) for f in str(args.folds).split(",")]
-    return compare(
-        cells, args.methods, args.output_dir, n_folds=args.cv, seed=args.seed, class_weighting=args.class_weighting,
-        training_args=training_args, config_overrides=parse_config_overrides(args.config_overrides),
-        validation_fraction=args.validation_fraction, early_stopping_patience=args.early_stopping_patience,
-        only_folds=only_folds, ensemble=args.ensemble,
-    )
+__all__ = ["ComparisonResult", "compare", "comparison_table", "parse_methods", "plot_comparison", "summarise"]

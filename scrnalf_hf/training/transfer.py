@@ -20,20 +20,21 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 
-def labelled_subset(train_index: np.ndarray, labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """A stratified ``fraction`` of ``train_index``: ``max(2, round(fraction · n_c))`` cells of each
+def labelled_subset(train_rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """A stratified ``fraction`` of ``train_rows``: ``max(2, round(fraction · n_c))`` cells of each
     class c (all of them if it has fewer), chosen with ``seed``."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label fractions must lie in (0, 1], got {fraction}.")
     rng = np.random.default_rng(seed)
     chosen = []
-    for label in np.unique(labels[train_index]):
-        members = train_index[labels[train_index] == label]
+    for label in np.unique(labels[train_rows]):
+        members = train_rows[labels[train_rows] == label]
         count = min(len(members), max(2, int(round(fraction * len(members)))))
         chosen.append(rng.choice(members, size=count, replace=False))
     return np.sort(np.concatenate(chosen))
@@ -61,71 +62,81 @@ def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def _unlabelled_cells(cells, train_rows, processor, pretrain_file):
+    """The cells to pretrain on: the training cells, plus those of ``pretrain_file`` aligned to
+    ``processor``'s panel (the training dataset's own genes)."""
+    from ..data.cells import CELL_COLUMNS, Cells, open_cells
+
+    own = cells.dataset.select_columns([*CELL_COLUMNS, "length"]).select(train_rows)
+    if not pretrain_file:
+        return Cells(own, cells.genes, cells.name), np.arange(len(own))
+    extra = open_cells(pretrain_file, input_kind=cells.input_kind).on_panel(processor)
+    joined = datasets.concatenate_datasets([own.flatten_indices(), extra.dataset])
+    merged = Cells(joined, extra.genes, f"{cells.name} + {extra.name}", None, extra._workdir)
+    return merged, np.arange(len(joined))
+
+
 def run_transfer(args) -> list[dict]:
     """``scrnalf transfer`` (arguments in the CLI); returns the rows written to transfer.json."""
-    from .arguments import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, parse_arguments
-    from .baselines import fit_baseline
-    from .cells import encode, fit_processor, load_labelled_cells, stratified_split
-    from .finetune import finetune
-    from .metrics import classification_metrics
-    from .pretrain import pretrain, read_unlabelled_cells
+    from ..data.cells import open_cells
+    from ..data.panel import fit_processor
+    from ..data.splits import split_off
+    from .arguments import training_arguments
+    from .finetune import CellPart, finetune, fit_baselines, no_targets, read_targets, score_held_out
+    from .tasks import CLASSIFICATION, MASKED_GENES
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     fractions = sorted({float(f) for f in str(args.fractions).split(",")})
-    cells = load_labelled_cells(
-        args.train_file, args.label_key, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-        min_cells_per_label=args.min_cells_per_label, dataset_name=args.dataset_name,
+    cells = open_cells(
+        args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
+        label_key=args.label_key, name=args.dataset_name,
     )
-    train, test = stratified_split(np.arange(cells.n_cells), cells.labels, args.test_fraction, seed=args.seed)
-    processor = fit_processor(cells)
-    unlabelled = encode(processor, cells, train)
-    if args.pretrain_file:
-        matrix, symbols, ids, _, _ = read_unlabelled_cells(args.pretrain_file)
-        extra = processor(matrix, gene_names=symbols, gene_ids=ids, return_tensors="np")
-        unlabelled = {k: np.concatenate([unlabelled[k], extra[k]]) for k in unlabelled}
-
-    def trainer_args(defaults, folder, epochs):
-        return parse_arguments(
-            ["--train_file", str(args.train_file), "--output_dir", str(folder), f"--seed={args.seed}",
-             f"--num_train_epochs={epochs}", "--disable_tqdm=true", *getattr(args, "extra_args", [])],
-            defaults,
-        )[2]
+    targets = read_targets(CLASSIFICATION, cells, args.label_key, args.min_cells_per_label)
+    train, test = split_off(np.flatnonzero(targets.usable), args.test_fraction, seed=args.seed, labels=targets.stratify)
+    processor = fit_processor(cells, train)
+    unlabelled, rows = _unlabelled_cells(cells, train, processor, args.pretrain_file)
 
     pretrained_dir = output_dir / "pretrained"
-    logger.warning("transfer: pretraining %s on %d unlabelled cells", args.preset, len(unlabelled["expression"]))
-    pre = pretrain(processor, unlabelled["expression"], unlabelled["attention_mask"],
-                   trainer_args(PRETRAIN_DEFAULTS, pretrained_dir, args.pretrain_epochs), preset=args.preset)
+    logger.warning("transfer: pretraining %s on %d unlabelled cells", args.preset, len(rows))
+    pre = finetune(
+        MASKED_GENES, unlabelled, no_targets(unlabelled), rows,
+        training_arguments(MASKED_GENES, pretrained_dir, seed=args.seed, num_train_epochs=args.pretrain_epochs, disable_tqdm=True),
+        preset=args.preset, validation_fraction=0.05, early_stopping_patience=0,
+    )
     pre.trainer.save_model(str(pretrained_dir))
 
-    rows: list[dict] = []
-    test_features = encode(processor, cells, test)["expression"]
+    rows_out: list[dict] = []
+    test_part = CellPart(cells, targets, test)
     for fraction in fractions:
-        subset = labelled_subset(train, cells.labels, fraction, seed=args.seed)
+        subset = labelled_subset(train, targets.values, fraction, seed=args.seed)
         for method in ("pretrained", "scratch"):
             folder = output_dir / "runs" / f"{method}_{fraction:g}"
             result = finetune(
-                cells, subset, test, trainer_args(FINETUNE_DEFAULTS, folder, args.finetune_epochs),
+                CLASSIFICATION, cells, targets, subset,
+                training_arguments(CLASSIFICATION, folder, seed=args.seed, num_train_epochs=args.finetune_epochs, disable_tqdm=True),
                 preset=None if method == "pretrained" else args.preset,
                 model_name_or_path=str(pretrained_dir) if method == "pretrained" else None,
             )
-            rows.append({"fraction": fraction, "n_labelled_cells": int(len(subset)), "method": method,
-                         "accuracy": result.metrics["accuracy"], "macro_f1": result.metrics["macro_f1"]})
-        fitted = fit_baseline("logreg", encode(processor, cells, subset)["expression"], cells.labels[subset], test_features, seed=args.seed)
-        scores = classification_metrics(cells.labels[test], fitted.predictions, cells.n_classes, per_class=False)
-        rows.append({"fraction": fraction, "n_labelled_cells": int(len(subset)), "method": "logreg", **scores})
-        logger.warning("transfer: fraction %g done: %s", fraction, [(r["method"], round(r["macro_f1"], 3)) for r in rows[-3:]])
-        (output_dir / "transfer.json").write_text(json.dumps(rows, indent=2) + "\n")
+            scores = score_held_out(result, test_part).metrics
+            rows_out.append({"fraction": fraction, "n_labelled_cells": int(len(subset)), "method": method,
+                             "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]})
+        (logreg,), _ = fit_baselines(CLASSIFICATION, processor, CellPart(cells, targets, subset), test_part, ["logreg"], seed=args.seed)
+        rows_out.append({"fraction": fraction, "n_labelled_cells": int(len(subset)), "method": "logreg",
+                         "accuracy": logreg["accuracy"], "macro_f1": logreg["macro_f1"]})
+        logger.warning("transfer: fraction %g done: %s", fraction, [(r["method"], round(r["macro_f1"], 3)) for r in rows_out[-3:]])
+        (output_dir / "transfer.json").write_text(json.dumps(rows_out, indent=2) + "\n")
 
     lines = ["| labelled cells | fraction | pretrained | scratch | logreg |", "| --- | --- | --- | --- | --- |"]
     for fraction in fractions:
-        chosen = {r["method"]: r for r in rows if r["fraction"] == fraction}
+        chosen = {r["method"]: r for r in rows_out if r["fraction"] == fraction}
         lines.append(
             f"| {chosen['logreg']['n_labelled_cells']} | {fraction:g} | {chosen['pretrained']['macro_f1']:.3f} | "
             f"{chosen['scratch']['macro_f1']:.3f} | {chosen['logreg']['macro_f1']:.3f} |"
         )
     table = "held-out macro-F1\n\n" + "\n".join(lines) + "\n"
     (output_dir / "transfer.md").write_text(table)
-    plot_learning_curve(rows, output_dir / "learning_curve.png", f"{cells.dataset_name} · {cells.label_key}: pretrained vs scratch vs logreg")
+    plot_learning_curve(rows_out, output_dir / "learning_curve.png",
+                        f"{cells.name} · {targets.key}: pretrained vs scratch vs logreg")
     print(table)
-    return rows
+    return rows_out

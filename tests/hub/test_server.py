@@ -12,7 +12,7 @@ from hub_server import WRITE_TOKEN, local_hub  # noqa: F401 - fixture
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from scrnalf_hf.hub.local_hub import LocalHub, git_blob_oid
+from scrnalf_hf.testing.local_hub import LocalHub, git_blob_oid
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoFeatureExtractor, AutoModel, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from scrnalf_hf import ScrnaLongformerProcessor
-from scrnalf_hf.cli import main as scrnalf
+from scrnalf_cli import main as scrnalf
 from scrnalf_hf.hub import export_hub_folder
 
 REPO_ID = "org/scrna-longformer-tiny"

@@ -86,7 +86,7 @@ def test_card_without_classification_metrics_says_so_and_has_no_model_index(run_
     (run_copy / "all_results.json").write_text(json.dumps({"eval_loss": 1.2345, "train_runtime": 3.0}))
     card = render_model_card(run_copy)
     assert card.data.eval_results is None
-    assert "This run recorded an evaluation loss of 1.2345 and no cell-type accuracy" in str(card)
+    assert "This run recorded no evaluation figures (all_results.json / eval_results.json lack eval_accuracy, eval_macro_f1)" in str(card)
 
 
 def test_card_needs_the_processor_config(run_copy):

@@ -13,9 +13,9 @@ import pytest
 import scipy.sparse as sp
 
 from scrnalf_hf import ScrnaLongformerProcessor
-from scrnalf_hf.cli import main as cli_main
+from scrnalf_cli import main as cli_main
 from scrnalf_hf.data import (
-    GenePanelCollator,
+    CellCollator,
     convert_anndata,
     dataset_genes,
     read_anndata,
@@ -44,7 +44,7 @@ def shuffled_panel_processor(adata: ad.AnnData, **kwargs) -> tuple[ScrnaLongform
 
 
 def densify(dataset: datasets.Dataset, processor: ScrnaLongformerProcessor, folder) -> dict:
-    collator = GenePanelCollator(processor, dataset_genes(folder), normalize=False)
+    collator = CellCollator(processor, dataset_genes(folder), normalize=False)
     return collator([dataset[i] for i in range(len(dataset))])
 
 
@@ -127,7 +127,7 @@ def test_convert_then_collate_reproduces_the_matrix_exactly(tmp_path, prepare, o
     np.testing.assert_array_equal(batch["expression"].numpy(), expected_panel(counts, panel_columns))
     np.testing.assert_array_equal(batch["attention_mask"][0].numpy(), (panel_columns >= 0).astype(np.int64))
     names = dataset.features["label"].names
-    assert [names[i] for i in batch["labels"].tolist()] == list(original.obs["cell_type"].astype(str))
+    assert [names[i] for i in dataset["label"]] == list(original.obs["cell_type"].astype(str))
     assert dataset["cell_id"] == list(original.obs_names)
     np.testing.assert_allclose(dataset["library_size"], np.asarray(counts.sum(1)).ravel())
     assert dataset["length"] == np.diff(sp.csr_matrix(counts).indptr).tolist()
@@ -146,7 +146,7 @@ def test_normalised_collation_matches_the_processor_on_the_same_cells(tmp_path):
     adata = small_counts()
     dataset = convert_anndata(adata, tmp_path / "out", progress=False)
     processor, _ = shuffled_panel_processor(adata)
-    collated = GenePanelCollator(processor, dataset_genes(tmp_path / "out"))([dataset[i] for i in range(len(dataset))])
+    collated = CellCollator(processor, dataset_genes(tmp_path / "out"))([dataset[i] for i in range(len(dataset))])
     direct = processor(adata.X, gene_names=list(adata.var_names), gene_ids=list(adata.var["gene_ids"]))
     np.testing.assert_allclose(collated["expression"].numpy(), direct["expression"].numpy(), rtol=1e-6)
 
@@ -156,8 +156,8 @@ def test_collator_refuses_a_dataset_of_another_input_kind(tmp_path):
     adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))
     convert_anndata(adata, tmp_path / "out", require_counts=False, layer="X", progress=False)
     processor, _ = shuffled_panel_processor(adata)
-    with pytest.raises(ValueError, match="log1p values but the processor expects input_kind='counts'"):
-        GenePanelCollator(processor, dataset_genes(tmp_path / "out"))
+    with pytest.raises(ValueError, match="holds log1p values but the model's processor expects counts"):
+        CellCollator(processor, dataset_genes(tmp_path / "out"))
 
 
 def test_obs_columns_species_and_batch_are_stored(tmp_path):

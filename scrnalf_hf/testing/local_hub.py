@@ -642,7 +642,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 def main(argv: list[str] | None = None) -> None:
     """Serve a local Hub until interrupted, e.g. to try ``scrnalf push`` without huggingface.co.
 
-    ``python -m scrnalf_hf.hub.local_hub --root hub_storage --token hf_local=my-lab`` prints the
+    ``python -m scrnalf_hf.testing.local_hub --root hub_storage --token hf_local=my-lab`` prints the
     environment variables to export in the shell that pushes and loads.
     """
     import argparse

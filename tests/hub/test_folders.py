@@ -14,9 +14,10 @@ from hub_server import LABELS, cells, tiny_run  # noqa: F401 - fixture
 from transformers import AutoConfig, pipeline
 
 from scrnalf_hf import ScrnaLongformerConfig
-from scrnalf_hf.hub import CELL_TYPE_TASK, validate_hub_folder
+from scrnalf_hf.hub import validate_hub_folder
+from scrnalf_hf.pipeline_scrnalf import TASK as CELL_TYPE_TASK
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_hub_folders.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_hub_folders.py"
 
 
 def make_hub_folders(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from scrnalf_hf import (
     ScrnaLongformerConfig,
@@ -14,14 +14,16 @@ from scrnalf_hf import (
     ScrnaLongformerProcessor,
 )
 from scrnalf_hf.data import (
-    GenePanelCollator,
+    CellCollator,
     convert_anndata,
     dataset_genes,
-    gene_graph_from_training,
+    gene_graph,
     load_celltypist_sample,
     load_pbmc68k_reduced,
-    split_dataset,
+    open_cells,
+    split_off,
 )
+from scrnalf_hf.training.trainer import ScrnaTrainer
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def pbmc_converted(tmp_path_factory):
     dataset = convert_anndata(
         adata, folder, label_key="bulk_labels", use_raw=True, require_counts=False, progress=False
     )
-    return adata, dataset, dataset_genes(folder)
+    return adata, dataset, dataset_genes(folder), folder
 
 
 def test_pbmc68k_reduced_loads_from_the_wheel_without_network(no_network):
@@ -57,39 +59,40 @@ def test_pbmc68k_reduced_needs_log1p_settings_to_convert(tmp_path):
 
 
 def test_converted_pbmc68k_round_trips_through_a_log1p_processor(pbmc_converted):
-    adata, dataset, genes = pbmc_converted
+    adata, dataset, genes, _ = pbmc_converted
     processor = ScrnaLongformerProcessor.from_anndata(adata, use_raw=True, input_kind="log1p")
-    batch = GenePanelCollator(processor, genes)([dataset[i] for i in range(len(dataset))])
+    batch = CellCollator(processor, genes)([dataset[i] for i in range(len(dataset))])
     np.testing.assert_array_equal(batch["expression"].numpy(), adata.raw.X.toarray().astype(np.float32))
     assert dataset.features["label"].num_classes == 10
 
 
 def test_converted_pbmc68k_trains_a_classifier_through_trainer(pbmc_converted, tmp_path):
-    adata, dataset, genes = pbmc_converted
+    adata, dataset, genes, folder = pbmc_converted
     torch.manual_seed(0)
-    splits = split_dataset(dataset, validation_size=0.0, test_size=0.2)
+    cells = open_cells(folder)
+    labels = np.asarray(dataset["label"])
+    train, test = split_off(np.arange(len(labels)), 0.2, seed=0, labels=labels)
     processor = ScrnaLongformerProcessor.from_anndata(adata, use_raw=True, input_kind="log1p")
     names = dataset.features["label"].names
     config = ScrnaLongformerConfig.from_preset(
         "tiny", n_genes=processor.n_genes, knn_k=8, id2label=dict(enumerate(names))
     )
     model = ScrnaLongformerForCellClassification(config)
-    model.scrna_longformer.set_gene_graph(gene_graph_from_training(processor, splits["train"], genes, k=8))
+    model.scrna_longformer.set_gene_graph(gene_graph(processor, cells, train, k=8))
     arguments = TrainingArguments(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=16,
         max_steps=6,
         learning_rate=1e-2,
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length",  # reads the dataset's length column
         report_to=[],
         save_strategy="no",
         logging_steps=10,
         use_cpu=True,
     )
-    collator = GenePanelCollator(processor, genes)
-    trainer = Trainer(model=model, args=arguments, train_dataset=splits["train"], data_collator=collator)
-    held_out = splits["test"].select(range(64))
+    rows = cells.with_targets(labels)
+    trainer = ScrnaTrainer(model=model, args=arguments, train_dataset=rows.select(train), data_collator=CellCollator(processor, genes))
+    held_out = rows.select(test[:64])
     loss_before = trainer.evaluate(held_out)["eval_loss"]
     trainer.train()
     assert trainer.state.global_step == 6

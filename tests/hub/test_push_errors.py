@@ -10,9 +10,9 @@ import pytest
 from hub_server import OTHER_TOKEN, local_hub, point_client_at, tiny_run, unreachable_endpoint  # noqa: F401
 from huggingface_hub import constants
 
-from scrnalf_hf.cli import main as scrnalf
+from scrnalf_cli import main as scrnalf
 from scrnalf_hf.hub import HubFolderError, HubPushError, export_hub_folder, push_to_hub
-from scrnalf_hf.hub.local_hub import HubError
+from scrnalf_hf.testing.local_hub import HubError
 
 REPO_ID = "org/scrna-longformer-tiny"
 

@@ -66,12 +66,26 @@ def test_low_gene_overlap_is_an_error_that_reports_the_overlap():
         processor(np.ones((2, 3)), gene_names=["CD3E", "LYZ", "FOO"])
 
 
-def test_duplicate_gene_names_are_rejected():
-    processor = ScrnaLongformerProcessor(gene_symbols=SYMBOLS, input_kind="log1p")
-    with pytest.raises(ValueError, match=r"duplicate gene names in the input.*'cd3e'"):
-        processor(np.ones((1, 4)), gene_names=["CD3E", "cd3e", "LYZ", "GNLY"])
+def test_repeated_input_symbols_are_made_unique_and_the_first_is_matched(caplog):
+    processor = ScrnaLongformerProcessor(gene_symbols=SYMBOLS, input_kind="log1p", min_gene_overlap=0.0)
+    values = np.array([[1.0, 2.0, 3.0, 4.0]])
+    batch = processor(values, gene_names=["CD3E", "cd3e", "LYZ", "GNLY"], return_tensors="np")
+    assert "repeats gene symbols ['cd3e']" in caplog.text
+    panel = dict(zip(SYMBOLS, batch["expression"][0]))
+    assert panel["CD3E"] == 1.0 and panel["LYZ"] == 3.0 and panel["GNLY"] == 4.0
+
+
+def test_panel_symbols_may_repeat_only_where_ids_tell_the_genes_apart():
     with pytest.raises(ValueError, match="duplicate gene symbols in the panel"):
         ScrnaLongformerProcessor(gene_symbols=["CD3E", "Cd3e"])
+    panel = ScrnaLongformerProcessor(gene_symbols=["Rp1", "Rp1", "Actb"], gene_ids=["ENSMUSG1", "ENSMUSG2", "ENSMUSG3"])
+    by_id = panel.align_genes(["Rp1", "Rp1", "Actb"], gene_ids=["ENSMUSG2", "ENSMUSG1", "ENSMUSG3"])
+    np.testing.assert_array_equal(by_id.vocab_index, [1, 0, 2])
+    by_symbol = panel.align_genes(["Rp1", "Actb"], min_gene_overlap=0.0)  # no ids: Rp1 is ambiguous in the panel
+    np.testing.assert_array_equal(by_symbol.vocab_index, [-1, 2])
+    assert by_symbol.missing == ["Rp1", "Rp1"]
+    with pytest.raises(ValueError, match="duplicate gene ids in the input"):
+        panel.align_genes(["a", "b"], gene_ids=["ENSMUSG1", "ENSMUSG1.2"])
 
 
 @pytest.mark.parametrize(
@@ -107,16 +121,31 @@ def test_library_size_counts_genes_outside_the_panel():
     np.testing.assert_allclose(batch["expression"], np.log1p([[1e4 / 10, 1e4 / 10]]), rtol=1e-6)
 
 
-def test_processor_reads_raw_and_layers_by_default_where_it_was_built():
+def test_processor_reads_the_recorded_matrix_and_else_where_convert_looks_for_counts():
     adata = counts_anndata()
     adata.layers["counts"] = adata.X.copy()
     adata.X = sp.csr_matrix(np.full(adata.shape, 0.5, dtype=np.float32))  # not counts
-    processor = ScrnaLongformerProcessor.from_anndata(adata, layer="counts")
-    assert processor.gene_id_key == "gene_ids"
-    expected = processor(adata.layers["counts"], gene_names=SYMBOLS)["expression"]
-    torch.testing.assert_close(processor(adata)["expression"], expected)
-    with pytest.raises(ValueError, match="layer 'missing' not found"):
-        processor(adata, layer="missing")
+    expected = ScrnaLongformerProcessor(gene_symbols=SYMBOLS)(adata.layers["counts"], gene_names=SYMBOLS)["expression"]
+    recorded = ScrnaLongformerProcessor.from_anndata(adata, layer="counts")
+    assert recorded.gene_id_key == "gene_ids"
+    torch.testing.assert_close(recorded(adata)["expression"], expected)
+    unrecorded = ScrnaLongformerProcessor(gene_symbols=SYMBOLS)  # counts: layers['counts'], .raw, X
+    assert unrecorded.anndata_matrix(adata) == "counts"
+    torch.testing.assert_close(unrecorded(adata)["expression"], expected)
+    with pytest.raises(ValueError, match=r"no such layer; it has X \(--layer X\), layers\['counts'\]"):
+        recorded(adata, layer="missing")
+
+
+def test_reading_the_wrong_matrix_names_the_flag_that_fixes_it():
+    adata = counts_anndata()
+    adata.X = adata.X * 20  # counts of a deeper library, well above any log1p value
+    adata.raw = adata.copy()
+    adata.X = sp.csr_matrix(np.where(adata.X.toarray() > 0, -1.5, 0.0).astype(np.float32))  # scaled, like pbmc68k
+    log_model = ScrnaLongformerProcessor(gene_symbols=SYMBOLS, input_kind="log1p", layer="X")
+    with pytest.raises(ValueError, match=r"X contains negative values .* looks scaled .*\.raw \(--use-raw\)"):
+        log_model(adata)
+    with pytest.raises(ValueError, match=r"look like raw counts"):
+        log_model(adata, use_raw=True)  # .raw holds counts here, and the model reads log1p values
 
 
 def test_processor_save_and_load_round_trip(tmp_path):

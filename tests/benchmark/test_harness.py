@@ -6,7 +6,7 @@ import json
 import pytest
 
 from scrnalf_hf.benchmark.harness import forward_flops
-from scrnalf_hf.cli import main
+from scrnalf_cli import main
 from scrnalf_hf.configuration_scrnalf import ScrnaLongformerConfig
 
 

@@ -1,0 +1,451 @@
+"""The ``scrnalf`` command: argument parsing only; every command calls a library function of
+``scrnalf_hf``.
+
+This module sits beside the package, not inside it: importing ``scrnalf_hf`` registers the
+model with transformers' Auto classes, which imports torch (seconds), and ``scrnalf --help``
+should answer at once. Each command imports what it needs when it runs.
+
+A user's mistake (bad input, a missing file, a refused folder) ends in one line on stderr and
+exit status 1; ``--debug`` shows the traceback. Output is quiet by default: one progress bar per
+long step and the results; ``--verbose`` adds transformers' and Trainer's logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = (
+    "scrnalf: train, compare, share and apply the scRNA longformer, a gene-token transformer for "
+    "single-cell RNA-seq, on AnnData with Hugging Face transformers. Start with `scrnalf demo`."
+)
+# Exceptions that mean "the input or the request is wrong", not "the program is broken".
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+GLOBAL_FLAGS = ("--debug", "--verbose")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default, and descriptions laid out as written."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scrnalf-hf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _command(subparsers, name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_demo(subparsers) -> None:
+    parser = _command(
+        subparsers, "demo",
+        "the main job on the bundled pbmc68k_reduced (700 PBMCs): fine-tune the tiny and default presets, compare "
+        "them with logistic regression and a random forest on the same fold, plot, and export the best as a Hub-ready folder",
+    )
+    parser.add_argument("--output-dir", default="demo_output", help="where every file goes")
+    parser.add_argument("--label-key", default="bulk_labels", choices=["bulk_labels", "louvain"],
+                        help="cell types (bulk_labels) or the clusters computed from these cells (louvain)")
+    parser.add_argument("--cv", type=int, default=5, help="stratified folds the split is drawn from")
+    parser.add_argument("--folds", default="0", help="folds scored by every method, e.g. 0,1,2,3,4")
+    parser.add_argument("--methods", default="tiny,default,logreg,random_forest", help="presets and baselines")
+    parser.add_argument("--num-train-epochs", type=float, default=None, help="epochs of every preset (default: each preset's recipe)")
+    parser.add_argument("--class-weighting", default="balanced", choices=["balanced", "none"], help="for every method alike")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of training")
+    parser.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from scrnalf_hf.training.demo import run_demo
+
+    run_demo(
+        output_dir=args.output_dir, label_key=args.label_key, n_folds=args.cv, folds=_ints(args.folds, "--folds"),
+        methods=args.methods, epochs=args.num_train_epochs, seed=args.seed,
+        class_weighting=None if args.class_weighting == "none" else args.class_weighting,
+    )
+
+
+def _add_convert(subparsers) -> None:
+    parser = _command(subparsers, "convert", "AnnData (.h5ad) -> a datasets folder, one sparse row per cell")
+    parser.add_argument("input", help="the .h5ad file (read chunk by chunk; memory stays bounded)")
+    parser.add_argument("output_dir", help="the dataset folder to create (datasets.load_from_disk opens it)")
+    parser.add_argument("--label-key", help="obs column stored as the ClassLabel column 'label'")
+    parser.add_argument("--obs-keys", nargs="*", default=[], help="further obs columns to keep")
+    parser.add_argument("--species", help="species of all cells, e.g. human")
+    parser.add_argument("--species-key", help="obs column holding each cell's species")
+    parser.add_argument("--batch-key", help="obs column stored as the 'batch' column")
+    parser.add_argument("--layer", help="layer to read ('X' for X); default: layers['counts'], .raw, then X")
+    parser.add_argument("--use-raw", action="store_true", help="read .raw.X")
+    parser.add_argument("--no-require-counts", dest="require_counts", action="store_false",
+                        help="the values are log-normalised, not raw integer counts")
+    parser.add_argument("--gene-id-key", help="var column holding Ensembl ids (default: a usual id column, if present)")
+    parser.add_argument("--allow-empty-genes", action="store_true", help="keep genes that are zero in every cell")
+    parser.add_argument("--chunk-size", type=int, default=8192, help="cells read and written at a time")
+    parser.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR once the new dataset is complete")
+    parser.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> None:
+    from scrnalf_hf.data.convert import convert_anndata
+    from scrnalf_hf.hub import write_dataset_card
+
+    dataset = convert_anndata(
+        args.input, args.output_dir, label_key=args.label_key, obs_keys=args.obs_keys, species=args.species,
+        species_key=args.species_key, batch_key=args.batch_key, layer=args.layer, use_raw=args.use_raw,
+        require_counts=args.require_counts, gene_id_key=args.gene_id_key, allow_empty_genes=args.allow_empty_genes,
+        chunk_size=args.chunk_size, num_proc=args.num_proc, overwrite=args.overwrite, card_writer=write_dataset_card,
+    )
+    print(f"wrote {len(dataset):,} cells to {args.output_dir}")
+
+
+def _add_training(subparsers, name: str, help_text: str) -> None:
+    parser = _command(subparsers, name, help_text, add_help=False)
+    parser.set_defaults(func=_run_training, passes_flags_on=True)
+
+
+def _run_training(args) -> None:
+    from scrnalf_hf.training.arguments import build_parser, command_help, parse_arguments
+    from scrnalf_hf.training.finetune import train_from_arguments
+
+    if "--help-all" in args.extra_args:
+        build_parser().print_help()
+        return
+    if any(flag in args.extra_args for flag in ("-h", "--help")):
+        print(f"usage: scrnalf {args.command} --train-file F --output-dir D (--preset P | --model M) [options]\n")
+        print(command_help(args.command))
+        return
+    quiet = [] if args.verbose else ["--log-level", "warning"]  # first, so that a --log-level given wins
+    train_from_arguments(*parse_arguments([*quiet, *args.extra_args], args.command))
+
+
+def _add_compare(subparsers) -> None:
+    parser = _command(
+        subparsers, "compare",
+        "every method on the same folds (or a separate test file) -> comparison.json, .md, .png; further "
+        "TrainingArguments flags (e.g. --num-train-epochs 10) apply to the transformer presets",
+    )
+    _add_data_options(parser)
+    parser.add_argument("--output-dir", required=True, help="where comparison.json, .md, .png and runs/ go")
+    parser.add_argument("--methods", default="tiny,default,logreg,random_forest", help="comma-separated presets and baselines")
+    parser.add_argument("--cv", type=int, default=5, help="number of folds")
+    parser.add_argument("--folds", default=None, help="score only these folds, e.g. 0,1 (default: all)")
+    parser.add_argument("--test-file", default=None, help="score on this .h5ad / converted folder instead of folds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of training")
+    parser.add_argument("--class-weighting", default="none", choices=["none", "balanced"], help="for every method alike")
+    parser.add_argument("--config-overrides", default=None, help="config fields for every preset, e.g. pooling=cls")
+    parser.add_argument("--validation-fraction", type=float, default=0.1,
+                        help="training cells held out to pick the best epoch (0: train on all of them, keep the last epoch)")
+    parser.add_argument("--early-stopping-patience", type=int, default=8, help="evaluations without improvement before stopping")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="fit each preset this many times per fold (seeds seed, seed+1, ...) and average; the row is <preset>×N")
+    parser.set_defaults(func=_run_compare, passes_flags_on=True)
+
+
+def _add_data_options(parser) -> None:
+    parser.add_argument("--train-file", required=True, help=".h5ad file or a `scrnalf convert` folder")
+    parser.add_argument("--task", default="classification", help="the head (classification, ...)")
+    parser.add_argument("--label-key", default=None, help="obs column with the cell labels (classification)")
+    parser.add_argument("--layer", default=None, help="AnnData layer ('X' for X; default: layers['counts'], .raw, then X)")
+    parser.add_argument("--use-raw", action="store_true", help="read .raw.X")
+    parser.add_argument("--input-kind", default="auto", choices=["auto", "counts", "log1p"],
+                        help="raw counts, log-normalised values, or decided from the values")
+    parser.add_argument("--n-top-genes", type=int, default=None, help="panel: the training cells' N most variable genes (default: all)")
+    parser.add_argument("--min-cells-per-label", type=int, default=None, help="drop classes with fewer cells")
+    parser.add_argument("--dataset-name", default=None, help="name for reports (default: the file name)")
+
+
+def _run_compare(args) -> None:
+    from pathlib import Path
+
+    from scrnalf_hf.data.cells import open_cells
+    from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
+    from scrnalf_hf.training.compare import compare
+    from scrnalf_hf.training.finetune import read_targets
+    from scrnalf_hf.training.tasks import get_task
+
+    task = get_task(args.task)
+    cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
+                       label_key=args.label_key, name=args.dataset_name)
+    targets = read_targets(task, cells, args.label_key, args.min_cells_per_label)
+    test_cells = test_targets = None
+    if args.test_file:
+        test_cells = open_cells(args.test_file, layer=args.layer, use_raw=args.use_raw, input_kind=cells.input_kind,
+                                label_key=args.label_key)
+        test_targets = read_targets(task, test_cells, args.label_key)
+    quiet = [] if args.verbose else ["--log-level", "warning"]
+    training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed, flags=[*quiet, *args.extra_args])
+    compare(
+        task, cells, targets, args.methods, args.output_dir, training_args, n_folds=args.cv, test_cells=test_cells,
+        test_targets=test_targets, seed=args.seed,
+        class_weighting=None if args.class_weighting == "none" else args.class_weighting,
+        config_overrides=parse_config_overrides(args.config_overrides), n_top_genes=args.n_top_genes,
+        validation_fraction=args.validation_fraction, early_stopping_patience=args.early_stopping_patience,
+        only_folds=None if args.folds is None else _ints(args.folds, "--folds"), ensemble=args.ensemble,
+    )
+    print((Path(args.output_dir) / "comparison.md").read_text())
+
+
+def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
+    parser = _command(subparsers, name, help_text)
+    parser.add_argument("--model", required=True, help="model folder or Hub repo id")
+    parser.add_argument("--input", required=True, help="input .h5ad")
+    parser.add_argument("--output", required=True, help="output .h5ad (must differ from --input)")
+    parser.add_argument("--layer", default=None, help="read this layer ('X' for X) instead of where the model was trained")
+    parser.add_argument("--use-raw", action="store_true", default=None, help="read .raw instead of where the model was trained")
+    parser.add_argument("--batch-size", type=int, default=256, help="cells per forward pass")
+    parser.set_defaults(func=_run_model_on_anndata)
+
+
+def _run_model_on_anndata(args) -> None:
+    from scrnalf_hf.inference import embed_file, predict_file
+
+    run = predict_file if args.command == "predict" else embed_file
+    run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size)
+
+
+def _add_transfer(subparsers) -> None:
+    parser = _command(
+        subparsers, "transfer",
+        "pretrain on unlabelled cells, fine-tune with fractions of the labels: learning curve of pretrained vs scratch vs logreg",
+    )
+    _add_data_options(parser)
+    parser.add_argument("--output-dir", required=True, help="where transfer.json, .md, the plot and the models go")
+    parser.add_argument("--preset", default="tiny", help="the preset pretrained and trained from scratch")
+    parser.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0", help="fractions of the labelled training cells")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out cells, never seen by any step")
+    parser.add_argument("--pretrain-epochs", type=float, default=10, help="epochs of masked gene modelling")
+    parser.add_argument("--finetune-epochs", type=float, default=20, help="epochs of each fine-tuning")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, subsets and training")
+    parser.add_argument("--pretrain-file", default=None, help="extra unlabelled cells to pretrain on (default: the training cells)")
+    parser.set_defaults(func=_run_transfer)
+
+
+def _run_transfer(args) -> None:
+    from scrnalf_hf.training.transfer import run_transfer
+
+    run_transfer(args)
+
+
+def _add_push(subparsers) -> None:
+    parser = _command(subparsers, "push", "publish a Hub-ready model folder in one commit and print the commit id to pin")
+    parser.add_argument("--model-dir", required=True, help="Hub-ready folder (weights, config, processor, code, README.md)")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if needed)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (created from main if needed)")
+    parser.add_argument("--commit-message", default=None, help="default: 'Upload <folder> with scrnalf push'")
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args) -> None:
+    from scrnalf_hf.hub.push import push_to_hub
+
+    commit = push_to_hub(
+        args.model_dir, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
+    )
+    print(f"pushed {args.model_dir} to {args.repo_id}; pin this commit: revision={commit!r}", file=sys.stderr)
+    print(commit)
+
+
+def _add_presets(subparsers) -> None:
+    parser = _command(subparsers, "presets", "print the parameter counts of the presets in hub_configs/")
+    parser.add_argument("--n-genes", type=int, default=500, help="gene panel size")
+    parser.add_argument("--num-labels", type=int, default=9, help="classes of the classification head")
+    parser.set_defaults(func=_run_presets)
+
+
+def _run_presets(args) -> None:
+    from scrnalf_hf.presets import print_preset_table
+
+    print_preset_table(n_genes=args.n_genes, num_labels=args.num_labels)
+
+
+def _add_benchmark(subparsers) -> None:
+    parser = _command(subparsers, "benchmark", "performance figures next to their baselines (BertModel peer, dense, GEMM roof)")
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True)
+    settings = {}
+
+    def add(name, help_text):
+        sub = benchmarks.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+        sub.add_argument("--output-dir", required=True, help="folder for <name>.json, .md (README table) and .png")
+        sub.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the simulated inputs")
+        settings[name] = ["output_dir", "threads", "seed"]
+        return sub
+
+    sub = add("inference", "cells/s of the presets vs knn/dense/linear/BertModel, GFLOP/s vs a GEMM")
+    sub.add_argument("--presets", type=_strings, default=("tiny", "default"), help="comma-separated presets")
+    sub.add_argument("--n-genes", type=int, default=2000, help="gene panel size")
+    sub.add_argument("--batch-size", type=int, default=32, help="cells per forward")
+    sub.add_argument("--long-preset", default="default", help="preset timed at --long-n-genes ('none': skip)")
+    sub.add_argument("--long-n-genes", type=int, default=16000, help="the long panel")
+    sub.add_argument("--long-batch-size", type=int, default=4, help="cells per forward at the long panel")
+    sub.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    sub.add_argument("--repeats", type=int, default=5, help="timed calls")
+    settings["inference"] += ["presets", "n_genes", "batch_size", "long_preset", "long_n_genes", "long_batch_size", "warmup", "repeats"]
+
+    sub = add("train", "masked-gene-modelling training throughput and one-epoch time")
+    sub.add_argument("--preset", default="default", help="the preset trained")
+    sub.add_argument("--n-genes", type=int, default=2000, help="gene panel size")
+    sub.add_argument("--n-cells", type=int, default=10_240, help="simulated cells trained on (>= 10,000 for the epoch estimate)")
+    sub.add_argument("--batch-size", type=int, default=32, help="cells per optimiser step")
+    sub.add_argument("--micro-batch-size", type=int, default=4, help="cells per forward/backward (gradient accumulation)")
+    sub.add_argument("--epoch-cells", type=int, default=100_000, help="cells of the epoch extrapolated to")
+    sub.add_argument("--baseline-steps", type=int, default=3, help="steps of the BERT and dense peers")
+    sub.add_argument("--max-minutes", type=float, default=None, help="stop training at this wall-clock budget")
+    settings["train"] += ["preset", "n_genes", "n_cells", "batch_size", "micro_batch_size", "epoch_cells", "baseline_steps", "max_minutes"]
+
+    sub = add("memory", "time per cell and peak memory from 1,000 to 16,000 genes")
+    sub.add_argument("--preset", default="default", help="the preset measured")
+    sub.add_argument("--gene-counts", type=_integers, default=(1000, 2000, 4000, 8000, 16000), help="comma-separated panel sizes")
+    sub.add_argument("--tokens-per-batch", type=int, default=64_000, help="batch = this // genes (at least 1)")
+    sub.add_argument("--dense-max-genes", type=int, default=4000, help="largest panel the dense reference runs at")
+    sub.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    sub.add_argument("--repeats", type=int, default=3, help="timed calls")
+    settings["memory"] += ["preset", "gene_counts", "tokens_per_batch", "dense_max_genes", "warmup", "repeats"]
+
+    sub = add("convert", "AnnData -> datasets conversion throughput and peak memory on simulated cells")
+    sub.add_argument("--n-cells", type=int, default=200_000, help="simulated cells converted")
+    sub.add_argument("--n-genes", type=int, default=2000, help="genes per cell")
+    sub.add_argument("--num-proc", type=int, default=1, help="worker processes")
+    sub.add_argument("--compare-cells", type=int, default=50_000, help="a smaller size to compare peak memory with (0: skip)")
+    settings["convert"] += ["n_cells", "n_genes", "num_proc", "compare_cells"]
+
+    sub = benchmarks.add_parser("report", help="the roadmap targets table from a benchmark folder, into the README",
+                                formatter_class=_Formatter)
+    sub.add_argument("--output-dir", required=True, help="folder holding inference/memory/train .json")
+    sub.add_argument("--readme", default=None, help="README to update between <!-- targets:start/end --> markers")
+    parser.set_defaults(func=_run_benchmark, benchmark_settings=settings)
+
+
+def _run_benchmark(args) -> None:
+    from scrnalf_hf.benchmark import run_benchmark
+
+    if args.benchmark == "report":
+        from scrnalf_hf.benchmark.targets import targets_table, update_readme
+
+        table = targets_table(args.output_dir)
+        if not table:
+            raise FileNotFoundError(f"no inference/memory/train .json in {args.output_dir}.")
+        if args.readme:
+            update_readme(args.readme, args.output_dir)
+        print(table)
+        return
+    settings = {name: getattr(args, name) for name in args.benchmark_settings[args.benchmark]}
+    if settings.get("long_preset") == "none":
+        settings["long_preset"] = None
+    run_benchmark(args.benchmark, **settings)
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    return tuple(item for item in text.split(",") if item)
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in _strings(text))
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, e.g. 0,1,2; got {text!r}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scrnalf", description=DESCRIPTION, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"scrnalf-hf {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (anywhere on the line)")
+    parser.add_argument("--verbose", action="store_true", help="show transformers' and Trainer's logs (anywhere on the line)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_demo(subparsers)
+    _add_convert(subparsers)
+    _add_training(
+        subparsers, "finetune",
+        "train a head, cell classification by default: --train-file F --label-key K (--preset P | --model M) "
+        "--output-dir D [--task T] [--n-top-genes N] [--freeze-encoder] [TrainingArguments flags]; the output "
+        "folder is Hub-ready, model card included",
+    )
+    _add_training(
+        subparsers, "pretrain",
+        "masked gene modelling on unlabelled cells: --train-file F --preset P --output-dir D [TrainingArguments flags]",
+    )
+    _add_compare(subparsers)
+    _add_model_on_anndata(subparsers, "predict", "write a model's predictions (e.g. cell types) into an AnnData")
+    _add_model_on_anndata(subparsers, "embed", "write cell embeddings into an AnnData (obsm['X_scrnalf'])")
+    _add_transfer(subparsers)
+    _add_push(subparsers)
+    _add_presets(subparsers)
+    _add_benchmark(subparsers)
+    return parser
+
+
+def _dashed(argument: str) -> str:
+    """``--num_train_epochs=3`` -> ``--num-train-epochs=3``: one flag style, both spellings accepted."""
+    if not argument.startswith("--"):
+        return argument
+    flag, equals, value = argument.partition("=")
+    return flag.replace("_", "-") + equals + value
+
+
+def _quiet_libraries() -> None:
+    """One progress bar per long step: no bar per saved shard, no library info logs, no
+    scikit-learn convergence chatter (the figures say how a baseline did)."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="sklearn")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = [_dashed(argument) for argument in (sys.argv[1:] if argv is None else argv)]
+    flags = {flag: flag in argv for flag in GLOBAL_FLAGS}
+    argv = [argument for argument in argv if argument not in GLOBAL_FLAGS]
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_flags_on", False):
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    args.extra_args, args.debug, args.verbose = rest, flags["--debug"], flags["--verbose"]
+    logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        if not args.verbose:
+            _quiet_libraries()
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"scrnalf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure ends in one line unless --debug
+        if args.debug:
+            raise
+        from scrnalf_hf.hub.push import HubPushError
+
+        text = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, USER_ERRORS + (HubPushError,)):
+            text = f"{type(error).__name__}: {text} (unexpected; run with --debug for the traceback)"
+        print(f"scrnalf {args.command}: error: {text}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Cells for training and evaluation: a ``scrnalf convert`` folder, opened once, never densified.
+
+Every command that learns from cells reads them through :func:`open_cells`: a folder written by
+``scrnalf convert`` is memory-mapped as it is; an ``.h5ad`` file or an AnnData is first converted
+(chunk by chunk, checked) into a temporary folder of the same layout. From there a batch of
+cells travels ``datasets.Dataset`` → :class:`~scrnalf_hf.data.collators.CellCollator` (gene
+panel alignment, densified per batch, normalised, masked) → model, and a fold's cells go to the
+baselines as one sparse matrix (:func:`panel_matrix`). No step holds the dense cells × genes
+matrix of a whole dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import scipy.sparse as sp
+
+from ..processing_scrnalf import GeneAlignment, ScrnaLongformerProcessor
+from .anndata_io import open_anndata
+from .convert import DatasetGenes, convert_anndata, dataset_genes
+
+logger = logging.getLogger(__name__)
+
+INPUT_KINDS = ("auto", "counts", "log1p")
+# Columns a batch needs besides the task's targets.
+CELL_COLUMNS = ("cell_id", "indices", "values", "library_size")
+TARGET_COLUMN = "labels"
+
+
+@dataclass
+class Cells:
+    """One row per cell (the ``scrnalf convert`` layout) and the gene list its rows refer to.
+
+    Attributes:
+        dataset: the memory-mapped rows: ``cell_id``, ``indices``, ``values``, ``library_size``,
+            ``label`` (if converted with a label key) and the kept ``obs`` columns.
+        genes: the dataset's genes, value kind (``counts`` or ``log1p``) and source matrix.
+        name: a name for reports (file or folder stem unless given).
+        label_key: the ``obs`` column stored as ``label``, if any.
+    """
+
+    dataset: datasets.Dataset
+    genes: DatasetGenes
+    name: str
+    label_key: str | None = None
+    _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def input_kind(self) -> str:
+        return self.genes.input_kind
+
+    def with_targets(self, targets: np.ndarray | None) -> datasets.Dataset:
+        """The rows a collator needs (:data:`CELL_COLUMNS`), numpy-formatted, with each cell's
+        target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
+        dataset = self.dataset.select_columns(list(CELL_COLUMNS))
+        if targets is not None:
+            if len(targets) != self.n_cells:
+                raise ValueError(f"{len(targets)} targets for {self.n_cells} cells.")
+            dataset = dataset.add_column(TARGET_COLUMN, list(targets) if np.ndim(targets) > 1 else targets)
+        return dataset.with_format("numpy")
+
+    def on_panel(self, processor: ScrnaLongformerProcessor) -> "Cells":
+        """These cells re-indexed to ``processor``'s panel (genes outside it dropped, library sizes
+        kept), so that they can be concatenated with other cells on the same panel. The rows are
+        written once (``datasets.map``) into a temporary folder this object keeps alive."""
+        alignment = processor.align_genes(self.genes.gene_symbols, self.genes.gene_ids)
+        workdir = tempfile.TemporaryDirectory(prefix="scrnalf-panel-")
+
+        def reindex(batch):
+            indices, values = [], []
+            for row_indices, row_values in zip(batch["indices"], batch["values"]):
+                positions = alignment.vocab_index[np.asarray(row_indices, dtype=np.int64)]
+                kept = positions >= 0
+                order = np.argsort(positions[kept], kind="stable")
+                indices.append(positions[kept][order].astype(np.int32))
+                values.append(np.asarray(row_values, dtype=np.float32)[kept][order])
+            return {"indices": indices, "values": values, "length": [len(row) for row in indices]}
+
+        columns = self.dataset.select_columns([*CELL_COLUMNS, "length"])
+        mapped = columns.map(
+            reindex, batched=True, cache_file_name=str(Path(workdir.name) / "cells.arrow"), desc="Aligning to the panel"
+        )
+        genes = DatasetGenes(processor.gene_symbols, processor.gene_ids, self.genes.input_kind, self.genes.matrix)
+        return Cells(mapped, genes, self.name, None, workdir)
+
+    def obs_column(self, key: str) -> np.ndarray:
+        """(n_cells,) values of a stored ``obs`` column, by its ``obs`` name (``label`` answers to
+        the label key it was converted from)."""
+        column = "label" if key == self.label_key and "label" in self.dataset.column_names else key
+        if column not in self.dataset.column_names:
+            stored = [c for c in self.dataset.column_names if c not in CELL_COLUMNS + ("length",)]
+            if self.label_key:
+                stored = [self.label_key if c == "label" else c for c in stored]
+            raise ValueError(
+                f"obs column {key!r} is not in {self.name}; stored columns: {stored}. Convert again with "
+                f"--label-key {key} (or --obs-keys {key}), or train from the .h5ad file directly."
+            )
+        values = self.dataset.with_format("numpy")[column]
+        feature = self.dataset.features[column]
+        if isinstance(feature, datasets.ClassLabel):
+            return np.asarray(feature.names, dtype=object)[values]
+        return np.asarray(values)
+
+
+def guess_input_kind(values: np.ndarray) -> str:
+    """``"counts"`` if every value is a non-negative integer, else ``"log1p"``."""
+    values = np.asarray(values)[:1_000_000]
+    return "counts" if values.size and np.array_equal(values, np.round(values)) else "log1p"
+
+
+def _matrix_arguments(matrix_name: str) -> dict:
+    """``open_anndata`` arguments that select the matrix named ``matrix_name`` again."""
+    if matrix_name == "raw.X":
+        return {"layer": None, "use_raw": True}
+    if matrix_name == "X":
+        return {"layer": "X", "use_raw": False}
+    return {"layer": matrix_name.removeprefix("layers[").removesuffix("]").strip("'\""), "use_raw": False}
+
+
+def open_cells(
+    source,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    input_kind: str = "auto",
+    label_key: str | None = None,
+    obs_keys: tuple[str, ...] = (),
+    name: str | None = None,
+    progress: bool = True,
+) -> Cells:
+    """Open cells for training: a ``scrnalf convert`` folder, an ``.h5ad`` file or an AnnData.
+
+    Args:
+        source: the folder, the file, or an AnnData (in memory or backed).
+        layer / use_raw: which AnnData matrix; by default the first present of
+            ``layers["counts"]``, ``.raw``, ``X`` (the scverse places for raw counts).
+        input_kind: ``"counts"``, ``"log1p"`` or ``"auto"`` (counts if the chosen matrix holds
+            integers). For a folder it must match what was converted.
+        label_key / obs_keys: ``obs`` columns an AnnData's conversion keeps (the label as
+            ``label``); a folder keeps what it was converted with.
+        name: a name for reports.
+
+    Raises:
+        ValueError / FileNotFoundError: unreadable input, bad values, an ``input_kind`` that does
+            not match a converted folder.
+    """
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}.")
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        folder = Path(source)
+        genes = dataset_genes(folder)
+        if input_kind not in ("auto", genes.input_kind):
+            raise ValueError(
+                f"{folder} holds {genes.input_kind} values ({genes.matrix}) but --input-kind {input_kind} was "
+                f"given; drop --input-kind or convert the {input_kind} matrix."
+            )
+        import json
+
+        converted_label_key = json.loads((folder / "genes.json").read_text()).get("label_key")
+        return Cells(datasets.load_from_disk(str(folder)), genes, name or folder.name, converted_label_key)
+
+    with open_anndata(source, layer=layer, use_raw=use_raw, require_counts=True) as expression:
+        matrix_name = expression.matrix_name
+        if input_kind == "auto":
+            first = next(expression.row_chunks(2048), (0, sp.csr_matrix((0, 0))))[1]
+            input_kind = guess_input_kind(first.data)
+        present = [key for key in obs_keys if key in expression.obs.columns and key != label_key]
+    workdir = tempfile.TemporaryDirectory(prefix="scrnalf-cells-")
+    folder = Path(workdir.name) / "cells"
+    convert_anndata(
+        source, folder, label_key=label_key, obs_keys=present, require_counts=input_kind == "counts",
+        allow_empty_genes=True, progress=progress, **_matrix_arguments(matrix_name),
+    )
+    if name is None:
+        name = Path(source).stem if isinstance(source, (str, Path)) else "anndata"
+    logger.info("converted %s (%s, %s) for training", name, matrix_name, input_kind)
+    return Cells(datasets.load_from_disk(str(folder)), dataset_genes(folder), name, label_key, workdir)
+
+
+def panel_matrix(
+    cells: Cells,
+    rows: np.ndarray,
+    processor: ScrnaLongformerProcessor,
+    alignment: GeneAlignment | None = None,
+    chunk_size: int = 8192,
+) -> sp.csr_matrix:
+    """The processor's output for the chosen cells as one sparse matrix (n_rows, G), float32.
+
+    The same values a :class:`~scrnalf_hf.data.collators.CellCollator` batch holds (normalised,
+    in panel order, unmeasured genes 0), built from the Arrow columns without Python loops;
+    normalisation keeps zeros at zero, so the matrix is as sparse as the data.
+    """
+    if alignment is None:
+        alignment = processor.align_genes(cells.genes.gene_symbols, cells.genes.gene_ids)
+    rows = np.asarray(rows, dtype=np.int64)
+    columns = cells.dataset.select_columns(["indices", "values", "library_size"]).with_format("arrow")
+    # The matrix is filled in place, chunk by chunk, so that it is held once: at most every
+    # stored value of the chosen cells (genes outside the panel are dropped).
+    capacity = int(np.asarray(cells.dataset.with_format("numpy").select(rows)["length"], dtype=np.int64).sum()) if len(rows) else 0
+    data = np.empty(capacity, dtype=np.float32)
+    gene_positions = np.empty(capacity, dtype=np.int32)
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    filled = 0
+    for start in range(0, len(rows), chunk_size):
+        table = columns[rows[start : start + chunk_size].tolist()]
+        indices, values = table["indices"].combine_chunks(), table["values"].combine_chunks()
+        offsets = indices.offsets.to_numpy()
+        cell_of_entry = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        positions = alignment.vocab_index[indices.values.to_numpy()]
+        kept = positions >= 0
+        library_size = table["library_size"].to_numpy()
+        entries = processor.normalize_entries(values.values.to_numpy()[kept], library_size[cell_of_entry[kept]])
+        cells_kept = cell_of_entry[kept]
+        order = np.lexsort((positions[kept], cells_kept))  # CSR: by cell, genes ascending
+        count = int(kept.sum())
+        data[filled : filled + count] = entries[order]
+        gene_positions[filled : filled + count] = positions[kept][order]
+        indptr[start + 1 : start + table.num_rows + 1] = filled + np.cumsum(np.bincount(cells_kept, minlength=table.num_rows))
+        filled += count
+    return sp.csr_matrix((data[:filled], gene_positions[:filled], indptr), shape=(len(rows), processor.n_genes))
+
+
+__all__ = ["Cells", "guess_input_kind", "open_cells", "panel_matrix"]

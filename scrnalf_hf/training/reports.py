@@ -1,0 +1,183 @@
+"""The output folder of ``scrnalf finetune`` / ``scrnalf pretrain``: Hub-ready, with the figures
+of the run that made it.
+
+Files written to ``output_dir`` (on the main process only):
+
+``model.safetensors``, ``config.json``, ``preprocessor_config.json``, ``*_scrnalf.py``
+    the best model, its processor, the task's pipeline and their remote code.
+``README.md``
+    the model card, rendered from the files below (:mod:`scrnalf_hf.hub.cards`), so that
+    ``scrnalf push --model-dir output_dir`` needs nothing else.
+``all_results.json`` / ``train_results.json`` / ``eval_results.json`` / ``trainer_state.json``
+    as transformers' example scripts write them; ``eval_*`` are the held-out cells' scores
+    (the validation cells' where no cells were held out).
+``comparison.json``
+    ``scrnalf compare`` rows (``method``, ``fold`` = 0, the task's metrics, ``train_seconds``,
+    ``n_parameters``) of the model and every baseline measured on this split.
+``training_summary.json``
+    everything above plus the training settings that actually ran (epochs run and planned,
+    steps, best step, learning rate, batch size, class weighting, ...).
+``run_info.json``
+    the subset the model card reads about the data: ``dataset``, ``label_key``, ``species``,
+    cell counts, ``split``, ``hardware``, ``seed``.
+``split.json``
+    what identifies the split (seed, cells, train and test positions), checked on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+
+from ..data.cells import Cells
+from ..machine import hardware_description
+from .finetune import FitResult, HeldOutScores
+
+logger = logging.getLogger(__name__)
+
+
+def write_json(path: Path, payload) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def training_settings(result: FitResult) -> dict:
+    """What the training run actually did, from Trainer's state and arguments."""
+    state, args = result.trainer.state, result.trainer.args
+    best_step = None
+    if state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+    return {
+        "epochs_run": float(state.epoch or 0.0),
+        "epochs_planned": float(args.num_train_epochs),
+        "global_step": int(state.global_step),
+        "best_step": best_step,
+        "best_metric": {"name": args.metric_for_best_model, "value": state.best_metric} if state.best_metric is not None else None,
+        "learning_rate": float(args.learning_rate),
+        "embedding_learning_rate": float(args.learning_rate) * result.trainer.embedding_lr_multiplier,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "warmup_steps": float(args.warmup_steps),
+        "batch_size": int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * int(args.world_size),
+        "weight_decay": float(args.weight_decay),
+        "label_smoothing": float(getattr(result.model.config, "label_smoothing", 0.0) or 0.0),
+        "early_stopped": bool(state.epoch is not None and state.epoch < args.num_train_epochs and args.max_steps <= 0),
+    }
+
+
+def write_run_outputs(
+    output_dir: Path,
+    cells: Cells,
+    result: FitResult,
+    held_out: HeldOutScores | None,
+    baselines: list[dict],
+    *,
+    method: str,
+    preset: str | None,
+    model_name_or_path: str | None,
+    class_weighting: str | None,
+    freeze: bool,
+) -> dict:
+    """Write the Hub-ready model folder, the run records and the model card (module docstring).
+
+    Returns the training summary.
+    """
+    from ..hub.cards import write_model_card
+    from ..hub.folder import save_hub_folder
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    task, trainer = result.task, result.trainer
+    save_hub_folder(result.model, result.processor, output_dir)
+    trainer.save_state()
+    if held_out is not None:
+        scores, n_eval = held_out.metrics, len(held_out.rows)
+    else:  # nothing held out: the validation cells' scores of the kept model
+        evaluation = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        scores = {key.removeprefix("eval_"): value for key, value in evaluation.items() if key.startswith("eval_")}
+        n_eval = len(result.validation_rows)
+    eval_metrics = {f"eval_{name}": float(scores[name]) for name in task.metric_names if name in scores}
+    eval_metrics["eval_samples"] = int(n_eval)
+    if held_out is not None:
+        eval_metrics["eval_samples_per_second"] = held_out.cells_per_second
+    train_metrics = {k: v for k, v in result.train_metrics.items() if isinstance(v, (int, float))}
+    train_metrics["train_samples"] = int(len(result.train_rows))
+    trainer.save_metrics("train", train_metrics, combined=True)
+    trainer.save_metrics("eval", eval_metrics, combined=True)
+
+    model_row = {"method": method, "fold": 0, **{name: float(scores[name]) for name in task.metric_names if name in scores},
+                 "train_seconds": result.train_seconds, "n_parameters": result.n_parameters}
+    write_json(output_dir / "comparison.json", [model_row, *baselines])
+    metrics = {name: float(scores[name]) for name in task.metric_names if name in scores}
+    if "per_class_f1" in scores and result.targets.names:
+        metrics["per_class_f1"] = dict(zip(result.targets.names, scores["per_class_f1"]))
+        metrics["confusion_matrix"] = {"labels": result.targets.names, "matrix": scores["confusion_matrix"]}
+    hardware = hardware_description()
+    summary = {
+        "task": task.name,
+        "dataset": cells.name,
+        "target_key": result.targets.key,
+        "label_key": result.targets.key if task.target_option == "label_key" else None,
+        "preset": preset,
+        "model_name_or_path": model_name_or_path,
+        "n_train_cells": int(len(result.train_rows)),
+        "n_validation_cells": int(len(result.validation_rows)),
+        "n_eval_cells": int(n_eval),
+        "metrics": metrics,
+        "baselines": {row["method"]: {name: row[name] for name in task.metric_names if name in row} for row in baselines},
+        "train_seconds": result.train_seconds,
+        "train_cells_per_second": result.train_cells_per_second,
+        "inference_cells_per_second": None if held_out is None else held_out.cells_per_second,
+        "hardware": hardware,
+        "n_parameters": result.n_parameters,
+        "seed": int(trainer.args.seed),
+        "class_weighting": class_weighting,
+        "freeze_encoder": freeze,
+        "input": cells.genes.matrix,
+        "input_kind": cells.input_kind,
+        "gene_panel": {"n_genes": result.processor.n_genes, "highly_variable_genes": result.processor.highly_variable_genes},
+        "training": training_settings(result),
+    }
+    write_json(output_dir / "training_summary.json", summary)
+    held_out_description = (
+        f"{n_eval} held-out test cells" if held_out is not None else f"{n_eval} validation cells (no test cells held out)"
+    )
+    write_json(
+        output_dir / "run_info.json",
+        {
+            "task": task.name,
+            "dataset": cells.name,
+            "label_key": summary["label_key"],
+            "n_train_cells": summary["n_train_cells"],
+            "n_eval_cells": summary["n_eval_cells"],
+            "split": (
+                ("stratified" if result.targets.stratify is not None else "random")
+                + f": {len(result.train_rows)} training, {len(result.validation_rows)} validation "
+                f"(best checkpoint on {trainer.args.metric_for_best_model}), {held_out_description}"
+            ),
+            "hardware": hardware,
+            "seed": summary["seed"],
+        },
+    )
+    write_model_card(output_dir)
+    return summary
+
+
+def check_against_baselines(summary: dict) -> None:
+    """Say loudly when a classifier does not beat the majority class (the first prototype's
+    failure) or falls behind logistic regression on the same split."""
+    model_f1 = summary["metrics"].get("macro_f1")
+    majority, logreg = summary["baselines"].get("majority"), summary["baselines"].get("logreg")
+    if model_f1 is None or majority is None or logreg is None:
+        return
+    logger.warning(
+        "held-out macro-F1: model %.3f | majority class %.3f | logistic regression %.3f",
+        model_f1, majority["macro_f1"], logreg["macro_f1"],
+    )
+    if model_f1 <= majority["macro_f1"] + 0.05:
+        logger.warning("the model is no better than always predicting the majority class: training failed.")
+    elif model_f1 < logreg["macro_f1"] - 0.03:
+        logger.warning("the model trails logistic regression by %.3f macro-F1 on this split.", logreg["macro_f1"] - model_f1)
+
+
+__all__ = ["check_against_baselines", "training_settings", "write_json", "write_run_outputs"]

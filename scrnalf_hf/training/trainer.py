@@ -1,0 +1,115 @@
+"""The one `transformers.Trainer` subclass every task trains with."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
+
+from ..modeling_scrnalf import ScrnaLongformerEmbeddings, ScrnaLongformerForCellClassification
+
+
+class TrainingBar(ProgressCallback):
+    """One progress bar over the training steps, and nothing else: no bar per evaluation and
+    no dictionary of figures per log (those come with ``--log_level info``)."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class ScrnaTrainer(Trainer):
+    """Trainer for every scRNA longformer head.
+
+    Five differences from `Trainer`, each for a reason:
+
+    - **The loss is the model's.** The heads' losses are means over the batch and take no
+      ``num_items_in_batch``, so Trainer scales them for gradient accumulation itself.
+    - **Label smoothing stays in the model.** Trainer's own ``--label_smoothing_factor`` takes
+      the labels away from the model and scores the logits without ``config.class_weights``, so
+      a comparison with ``--class-weighting balanced`` would weight the baselines but not the
+      transformer. The factor is moved into ``config.label_smoothing`` instead, where the
+      classification loss applies it together with the class weights (and the saved config
+      records it).
+    - **The token embeddings get a larger step** (``embedding_lr_multiplier``): gene and value
+      embeddings are unit-scale (they are not normalised; see ``ScrnaLongformerEmbeddings``),
+      while the layers' weights start at 0.02. Adam moves every weight by about the learning
+      rate per step, so at a rate the layers tolerate (3e-3) the embeddings, which carry the
+      gene-specific signal, change by 0.3% per step and a few hundred cells train too slowly;
+      a rate that suits the embeddings makes the layers diverge.
+    - **Evaluation may batch differently** (``eval_data_collator``): masked gene modelling hides
+      new genes in every training epoch but the same genes of a cell in every evaluation, so
+      that evaluation losses are comparable between epochs.
+    - **Quiet unless asked**: below ``--log_level info`` the progress display is one bar over
+      the training steps (:class:`TrainingBar`), not a bar per evaluation and a printed
+      dictionary per epoch.
+    """
+
+    def __init__(self, *args, embedding_lr_multiplier: float = 1.0, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        if self.args.get_process_log_level() > logging.INFO and not self.args.disable_tqdm:
+            self.callback_handler.remove_callback(ProgressCallback)
+            self.add_callback(TrainingBar)
+        self.model_accepts_loss_kwargs = False
+        self.embedding_lr_multiplier = float(embedding_lr_multiplier)
+        model = self.accelerator.unwrap_model(self.model)
+        single_label = isinstance(model, ScrnaLongformerForCellClassification) and model.config.problem_type in (
+            None, "single_label_classification"
+        )
+        if single_label:
+            # Set even when 0: a checkpoint fine-tuned again must not keep its earlier smoothing.
+            model.config.label_smoothing = float(self.args.label_smoothing_factor)
+        elif self.args.label_smoothing_factor > 0:
+            raise ValueError(
+                f"--label_smoothing_factor applies to single-label cell classification only, not to "
+                f"{type(model).__name__}; drop it or set it to 0."
+            )
+        self.label_smoother = None
+
+    @contextmanager
+    def _evaluation_batches(self):
+        if self.eval_data_collator is None:
+            yield
+            return
+        training, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            yield
+        finally:
+            self.data_collator = training
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_batches():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_batches():
+            return super().get_test_dataloader(test_dataset)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.embedding_lr_multiplier == 1.0 or any(g.get("embedding_group") for g in optimizer.param_groups):
+            return optimizer
+        opt_model = self.model if model is None else model
+        embedding_ids = {
+            id(p) for module in opt_model.modules() if isinstance(module, ScrnaLongformerEmbeddings) for p in module.parameters()
+        }
+        moved_groups = []
+        for group in optimizer.param_groups:
+            moved = [p for p in group["params"] if id(p) in embedding_ids]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in embedding_ids]
+                settings = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+                settings["lr"] = group["lr"] * self.embedding_lr_multiplier
+                moved_groups.append({**settings, "params": moved, "embedding_group": True})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        for group in moved_groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+__all__ = ["ScrnaTrainer"]
