@@ -203,7 +203,8 @@ def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--output", required=True, help="output .h5ad (must differ from --input)")
     parser.add_argument("--layer", default=None, help="read this layer ('X' for X) instead of where the model was trained")
     parser.add_argument("--use-raw", action="store_true", default=None, help="read .raw instead of where the model was trained")
-    parser.add_argument("--batch-size", type=int, default=256, help="cells per forward pass")
+    parser.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (and per chunk read)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output that an earlier predict/embed wrote")
     parser.set_defaults(func=_run_model_on_anndata)
 
 
@@ -211,7 +212,8 @@ def _run_model_on_anndata(args) -> None:
     from scrnalf_hf.inference import embed_file, predict_file
 
     run = predict_file if args.command == "predict" else embed_file
-    run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size)
+    run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size,
+        overwrite=args.overwrite)
 
 
 def _add_transfer(subparsers) -> None:
@@ -321,6 +323,13 @@ def _add_benchmark(subparsers) -> None:
     sub.add_argument("--compare-cells", type=int, default=50_000, help="a smaller size to compare peak memory with (0: skip)")
     settings["convert"] += ["n_cells", "n_genes", "num_proc", "compare_cells"]
 
+    sub = add("predict", "scrnalf predict streamed over large simulated .h5ad files: cells/s and peak memory")
+    sub.add_argument("--n-cells", type=int, default=1_000_000, help="simulated cells predicted")
+    sub.add_argument("--n-genes", type=int, default=1000, help="genes per cell")
+    sub.add_argument("--compare-cells", type=int, default=100_000, help="a smaller size to compare peak memory with (0: skip)")
+    sub.add_argument("--batch-size", type=int, default=512, help="cells per chunk")
+    settings["predict"] += ["n_cells", "n_genes", "compare_cells", "batch_size"]
+
     sub = benchmarks.add_parser("report", help="the roadmap targets table from a benchmark folder, into the README",
                                 formatter_class=_Formatter)
     sub.add_argument("--output-dir", required=True, help="folder holding inference/memory/train .json")
@@ -427,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     args.extra_args, args.debug, args.verbose = rest, flags["--debug"], flags["--verbose"]
     logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("scrnalf_hf").setLevel(logging.INFO)  # the package's own progress and results
     try:
         if not args.verbose:
             _quiet_libraries()

@@ -10,16 +10,27 @@ return ``None``:
 - both record the run in ``uns["scrnalf"]``: the model, its task, which AnnData matrix was read,
   and the gene overlap (panel genes matched, by id or symbol, and the first missing ones).
 
-Cells go through the model's own processor in chunks of ``batch_size``, so memory is bounded by
-a chunk, not the dataset.
+Cells go through the model's own processor in chunks of ``batch_size``. :func:`predict_file` /
+:func:`embed_file` (the commands) stream a ``.h5ad`` file: cells are read chunk by chunk from
+disk, the results are written chunk by chunk into a copy of the file beside the output, and the
+copy is renamed into place only when complete, so memory stays bounded by a chunk (plus
+``obs``) however many cells the file holds, and an interrupted run leaves any earlier output as
+it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 
 from .configuration_scrnalf import ScrnaLongformerConfig
@@ -46,10 +57,23 @@ def load_model(model_name_or_path: str, *, head: bool = True) -> tuple[ScrnaLong
     return model, processor
 
 
-def _overlap_record(processor: ScrnaLongformerProcessor, adata, layer, use_raw) -> dict:
-    """Which panel genes the AnnData measures (also checks the overlap against the processor's thresholds)."""
-    matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
-    alignment = processor.align_genes(names, ids)
+def _predicting_task(model: ScrnaLongformerPreTrainedModel) -> Task:
+    """The model's task, which must predict something to write into an AnnData."""
+    task = task_for_model(model)
+    if task is None or not task.predicts:
+        kind = "the bare encoder" if task is None else f"a {task.summary} model"
+        raise ValueError(
+            f"{getattr(model, 'name_or_path', '') or 'this model'} is {kind}: it has no head that predicts "
+            "anything to write into the AnnData. Use `scrnalf embed` for cell embeddings, or fine-tune it first "
+            "(scrnalf finetune --model ... --label-key ...)."
+        )
+    return task
+
+
+def _overlap(processor: ScrnaLongformerProcessor, gene_names, gene_ids, where: str) -> dict:
+    """Which panel genes the input measures (checked against the processor's thresholds)."""
+    alignment = processor.align_genes(gene_names, gene_ids)
+    logger.info("reading %s: %s", where, alignment)
     return {
         "matrix": where,
         "panel_genes": alignment.n_vocab,
@@ -61,26 +85,63 @@ def _overlap_record(processor: ScrnaLongformerProcessor, adata, layer, use_raw) 
 
 
 @torch.no_grad()
-def _run(model: ScrnaLongformerPreTrainedModel, processor: ScrnaLongformerProcessor, adata, layer, use_raw, batch_size: int):
-    """Yield model outputs chunk by chunk; the processor aligns each chunk to the panel."""
+def _annotated_chunks(
+    model: ScrnaLongformerPreTrainedModel,
+    processor: ScrnaLongformerProcessor,
+    task: Task | None,
+    chunks: Iterator[tuple[int, object]],
+    obs: pd.DataFrame,
+    gene_names: list[str],
+    gene_ids: list[str] | None,
+    where: str,
+) -> Iterator[tuple[int, ad.AnnData]]:
+    """For each ``(first row, cells × genes matrix)`` chunk, an AnnData of those cells (no X)
+    holding what the run writes: the task's predictions (``task`` None: none) and the embeddings."""
+    model.eval()
+    for first, matrix in chunks:
+        features = processor(matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where)
+        output = model(expression=features["expression"], attention_mask=features["attention_mask"])
+        cells = ad.AnnData(obs=obs.iloc[first : first + matrix.shape[0]].copy())
+        if task is not None:
+            task.write_predictions(cells, task.predictions(output.logits.float().numpy()), model.config)
+        cells.obsm[EMBEDDING_KEY] = output.cell_embedding.float().numpy()
+        yield first, cells
+
+
+def _written_columns(cells: ad.AnnData) -> list[str]:
+    """The obs columns a run wrote: tasks name theirs ``scrnalf_*``."""
+    return [column for column in cells.obs.columns if column.startswith("scrnalf_")]
+
+
+def _run_record(model, overlap: dict) -> dict:
+    """What ``uns["scrnalf"]`` records of a run: the model, the task its checkpoint was trained
+    for (also when only its encoder embedded the cells) and the gene overlap."""
+    task = task_for_model(model.config)
+    return {
+        "model": str(getattr(model, "name_or_path", "")) or type(model).__name__,
+        "task": None if task is None else task.name,
+        "gene_overlap": overlap,
+    }
+
+
+def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int) -> None:
+    """Run ``model`` over an in-memory AnnData and write what it produces into it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}.")
-    model.eval()
-    for first in range(0, adata.n_obs, batch_size):
-        features = processor(adata[first : first + batch_size], layer=layer, use_raw=use_raw, return_tensors="pt")
-        yield model(expression=features["expression"], attention_mask=features["attention_mask"])
-
-
-def _record(adata, model, task: Task | None, overlap: dict) -> None:
-    record = dict(adata.uns.get(RUN_KEY, {}))
-    record.update(
-        {
-            "model": str(getattr(model, "name_or_path", "")) or type(model).__name__,
-            "task": None if task is None else task.name,
-            "gene_overlap": overlap,
-        }
-    )
-    adata.uns[RUN_KEY] = record
+    matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
+    overlap = _overlap(processor, names, ids, where)
+    chunks = ((first, matrix[first : first + batch_size]) for first in range(0, adata.n_obs, batch_size))
+    parts = [cells for _, cells in _annotated_chunks(model, processor, task, chunks, adata.obs, names, ids, where)]
+    if parts:
+        written = ad.concat(parts, merge="first", uns_merge="first")
+        for column in _written_columns(written):
+            adata.obs[column] = written.obs[column].values
+        for key, values in written.obsm.items():
+            adata.obsm[key] = np.asarray(values)
+        adata.uns[RUN_KEY] = {**dict(adata.uns.get(RUN_KEY, {})), **dict(parts[0].uns.get(RUN_KEY, {})), **_run_record(model, overlap)}
+    else:
+        adata.obsm[EMBEDDING_KEY] = np.zeros((0, model.config.d_model), np.float32)
+        adata.uns[RUN_KEY] = _run_record(model, overlap)
 
 
 def embed(
@@ -89,10 +150,7 @@ def embed(
 ) -> None:
     """Write cell embeddings (n_cells, d_model) to ``adata.obsm["X_scrnalf"]`` and the run to
     ``adata.uns["scrnalf"]``. Any head's checkpoint embeds (its encoder's cell embedding)."""
-    overlap = _overlap_record(processor, adata, layer, use_raw)
-    chunks = [output.cell_embedding.float().numpy() for output in _run(model, processor, adata, layer, use_raw, batch_size)]
-    adata.obsm[EMBEDDING_KEY] = np.concatenate(chunks) if chunks else np.zeros((0, model.config.d_model), np.float32)
-    _record(adata, model, task_for_model(model), overlap)
+    _annotate(adata, model, processor, None, layer, use_raw, batch_size)
 
 
 def predict(
@@ -106,45 +164,136 @@ def predict(
         ValueError: the model has no prediction head (a pretrained masked-gene model or the bare
             encoder): it embeds cells, or is fine-tuned first.
     """
-    task = task_for_model(model)
-    if task is None or not task.predicts:
-        kind = "the bare encoder" if task is None else f"a {task.summary} model"
-        raise ValueError(
-            f"{getattr(model, 'name_or_path', '') or 'this model'} is {kind}: it has no head that predicts "
-            "anything to write into the AnnData. Use `scrnalf embed` for cell embeddings, or fine-tune it first "
-            "(scrnalf finetune --model ... --label-key ...)."
-        )
-    overlap = _overlap_record(processor, adata, layer, use_raw)
-    kept: dict[str, list[np.ndarray]] = {}
-    embeddings = []
-    for output in _run(model, processor, adata, layer, use_raw, batch_size):
-        for name, values in task.predictions(output.logits.float().numpy()).items():
-            kept.setdefault(name, []).append(values)
-        embeddings.append(output.cell_embedding.float().numpy())
-    task.write_predictions(adata, {name: np.concatenate(parts) for name, parts in kept.items()}, model.config)
-    adata.obsm[EMBEDDING_KEY] = np.concatenate(embeddings)
-    _record(adata, model, task, overlap)
+    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size)
 
 
-def _process_file(model_name_or_path: str, input_path: str, output_path: str, head: bool, **kwargs) -> None:
-    from .data.anndata_io import read_anndata
+# ---------------------------------------------------------------------------------------------
+# Files: streamed in chunks, written beside the output and renamed into place
+# ---------------------------------------------------------------------------------------------
 
-    if Path(output_path).resolve() == Path(input_path).resolve():
+
+def _file_matrix_arguments(processor: ScrnaLongformerProcessor, path: Path, layer, use_raw) -> dict:
+    """``open_anndata`` arguments selecting the matrix the processor reads in the file at ``path``."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        layers = list(handle["layers"].keys()) if "layers" in handle else []
+        has_raw = "raw" in handle and "X" in handle["raw"]
+    shape = SimpleNamespace(layers=dict.fromkeys(layers), raw=object() if has_raw else None)
+    where = processor.anndata_matrix(shape, layer, use_raw)
+    if where == "raw":
+        return {"use_raw": True}
+    return {"layer": where}
+
+
+class _FileWriter:
+    """Writes chunks of annotations into an open ``.h5ad`` (anndata's on-disk layout): ``obsm``
+    arrays slice by slice as they come, ``obs`` columns and ``uns`` once at the end."""
+
+    def __init__(self, handle, n_obs: int):
+        self.handle, self.n_obs = handle, n_obs
+        self.obs_columns: dict[str, list] = {}
+        self.uns: dict = {}
+
+    def add(self, first: int, cells: ad.AnnData) -> None:
+        for key, values in cells.obsm.items():
+            values = np.asarray(values)
+            group = self.handle.require_group("obsm")
+            if first == 0:
+                if key in group:
+                    del group[key]
+                dataset = group.create_dataset(key, shape=(self.n_obs, *values.shape[1:]), dtype=values.dtype)
+                dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
+            group[key][first : first + len(values)] = values
+        for column in _written_columns(cells):
+            self.obs_columns.setdefault(column, []).append(cells.obs[column])
+        if first == 0:
+            self.uns = dict(cells.uns)
+
+    def finish(self, record: dict) -> None:
+        from anndata.io import read_elem, write_elem
+
+        obs = read_elem(self.handle["obs"])
+        for column, parts in self.obs_columns.items():
+            obs[column] = pd.concat(parts).to_numpy() if not isinstance(parts[0].dtype, pd.CategoricalDtype) else pd.Categorical(
+                np.concatenate([part.astype(str).to_numpy() for part in parts]), categories=parts[0].cat.categories
+            )
+        del self.handle["obs"]
+        write_elem(self.handle, "obs", obs)
+        uns = self.handle.require_group("uns")
+        if RUN_KEY in uns:
+            del uns[RUN_KEY]
+        write_elem(uns, RUN_KEY, {**dict(self.uns.get(RUN_KEY, {})), **record})
+
+
+def _process_file(
+    model_name_or_path: str, input_path, output_path, head: bool, *, layer: str | None = None,
+    use_raw: bool | None = None, batch_size: int = 256, overwrite: bool = False,
+) -> None:
+    import h5py
+
+    from .data.anndata_io import open_anndata
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive number of cells, got {batch_size}.")
+    if not input_path.is_file():
+        raise FileNotFoundError(f"no AnnData file at {input_path}; expected an existing .h5ad file.")
+    if output_path.resolve() == input_path.resolve():
         raise ValueError(f"--output must differ from --input ({input_path}); the input file is left unchanged.")
+    _check_output(output_path, overwrite)
     model, processor = load_model(model_name_or_path, head=head)
-    adata = read_anndata(input_path)
-    (predict if head else embed)(adata, model, processor, **kwargs)
-    adata.write_h5ad(output_path)
-    logger.warning("wrote %s (%d cells)", output_path, adata.n_obs)
+    task = _predicting_task(model) if head else None
+    staging = output_path.parent / f".{output_path.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    try:
+        with open_anndata(input_path, require_counts=False, **_file_matrix_arguments(processor, input_path, layer, use_raw)) as source:
+            where = source.matrix_name
+            overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where)
+            shutil.copyfile(input_path, staging)
+            with h5py.File(staging, "r+") as handle:
+                writer = _FileWriter(handle, source.n_cells)
+                chunks = _annotated_chunks(
+                    model, processor, task, source.row_chunks(batch_size), source.obs, source.gene_symbols,
+                    source.gene_ids, where,
+                )
+                for first, cells in chunks:
+                    writer.add(first, cells)
+                writer.finish(_run_record(model, overlap))
+        os.replace(staging, output_path)
+    finally:
+        staging.unlink(missing_ok=True)
+    logger.info("wrote %s (%d cells)", output_path, source.n_cells)
 
 
-def predict_file(model_name_or_path: str, input_path: str, output_path: str, **kwargs) -> None:
-    """``scrnalf predict``: read ``input_path``, write it with predictions to ``output_path``."""
+def _check_output(output_path: Path, overwrite: bool) -> None:
+    """An existing output is replaced only with ``overwrite``, and only if this tool wrote it."""
+    if not output_path.exists():
+        if not output_path.parent.is_dir():
+            raise FileNotFoundError(f"the folder of --output {output_path} does not exist.")
+        return
+    if not overwrite:
+        raise FileExistsError(f"{output_path} exists; choose another --output or pass --overwrite to replace it.")
+    import h5py
+
+    try:
+        with h5py.File(output_path, "r") as handle:
+            written_here = "uns" in handle and RUN_KEY in handle["uns"]
+    except OSError:
+        written_here = False
+    if not written_here:
+        raise FileExistsError(
+            f"{output_path} exists and is not an .h5ad that scrnalf predict/embed wrote; it is left as it is. "
+            "Choose another --output."
+        )
+
+
+def predict_file(model_name_or_path: str, input_path, output_path, **kwargs) -> None:
+    """``scrnalf predict``: stream ``input_path`` through the model into ``output_path``."""
     _process_file(model_name_or_path, input_path, output_path, head=True, **kwargs)
 
 
-def embed_file(model_name_or_path: str, input_path: str, output_path: str, **kwargs) -> None:
-    """``scrnalf embed``: read ``input_path``, write it with embeddings to ``output_path``."""
+def embed_file(model_name_or_path: str, input_path, output_path, **kwargs) -> None:
+    """``scrnalf embed``: stream ``input_path`` through the model's encoder into ``output_path``."""
     _process_file(model_name_or_path, input_path, output_path, head=False, **kwargs)
 
 

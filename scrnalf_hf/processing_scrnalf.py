@@ -412,6 +412,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         layer: str | None = None,
         use_raw: bool | None = None,
         return_tensors: str | None = "pt",
+        matrix_name: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Cells -> model inputs.
@@ -420,13 +421,14 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             cells: an AnnData, or a (n_cells, n_input_genes) numpy / scipy-sparse / torch matrix.
             gene_names: the matrix's gene names (required for a matrix unless it already has
                 exactly the panel's genes in panel order).
+            matrix_name: what to call a matrix input in error messages (e.g. ``raw.X``).
 
         Returns:
             ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
             (n_cells, G) int64 (1 = gene measured in the input; missing genes are zero-filled).
         """
         adata = cells if hasattr(cells, "var_names") and hasattr(cells, "obs_names") else None
-        where = "the expression matrix"
+        where = matrix_name or "the expression matrix"
         if adata is not None:
             matrix, names, ids, where = self.read_anndata_matrix(adata, layer, use_raw)
             gene_names = names if gene_names is None else gene_names

@@ -1,7 +1,7 @@
 """Performance benchmarks, each measured in one process next to its baselines (the transformers
 ``BertModel`` peer of the same shape, the project's ``dense`` attention, and an fp32 GEMM roof).
 
-``scrnalf benchmark {inference,train,memory,convert}`` calls :func:`run_benchmark`; each
+``scrnalf benchmark {inference,train,memory,convert,predict}`` calls :func:`run_benchmark`; each
 benchmark writes ``<name>.json``, ``<name>.md`` (the README table) and ``<name>.png`` into an
 output folder.
 """
@@ -9,6 +9,7 @@ output folder.
 from .convert import benchmark_convert_run
 from .inference import benchmark_inference
 from .memory import benchmark_memory
+from .predict import benchmark_predict
 from .train import benchmark_train
 
 BENCHMARKS = {
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "train": benchmark_train,
     "memory": benchmark_memory,
     "convert": benchmark_convert_run,
+    "predict": benchmark_predict,
 }
 
 
@@ -33,4 +35,11 @@ def run_benchmark(name: str, **settings) -> int:
     return 0
 
 
-__all__ = ["run_benchmark", "benchmark_inference", "benchmark_train", "benchmark_memory", "benchmark_convert_run"]
+__all__ = [
+    "benchmark_convert_run",
+    "benchmark_inference",
+    "benchmark_memory",
+    "benchmark_predict",
+    "benchmark_train",
+    "run_benchmark",
+]

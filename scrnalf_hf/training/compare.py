@@ -172,7 +172,7 @@ def compare(
         if baseline_names:
             from ..data.panel import fit_processor
 
-            logger.warning("compare: fold %d of %d, baselines %s", fold, n_folds, ", ".join(baseline_names))
+            logger.info("compare: fold %d of %d, baselines %s", fold, n_folds, ", ".join(baseline_names))
             fitted_rows, baseline_points = fit_baselines(
                 task, fit_processor(cells, train_rows, n_top_genes, seed=seed), CellPart(cells, targets, train_rows),
                 test, baseline_names, seed=seed, class_weighting=class_weighting, fold=fold,
@@ -182,7 +182,7 @@ def compare(
             if method in task.baselines:
                 row, point = baseline_rows[method], baseline_points[method]
             else:
-                logger.warning("compare: fold %d of %d, %s (%.0f s elapsed)", fold, n_folds, method, time.perf_counter() - started)
+                logger.info("compare: fold %d of %d, %s (%.0f s elapsed)", fold, n_folds, method, time.perf_counter() - started)
                 method_args = training_args[method] if isinstance(training_args, dict) else training_args
                 kept, seconds, n_parameters = {}, 0.0, 0
                 for member in range(ensemble):
@@ -213,7 +213,7 @@ def compare(
             row["method"] = row_names[method]
             rows.append(row)
             predictions[row_names[method]][test_rows] = point
-            logger.warning(
+            logger.info(
                 "compare: fold %d %s %s (%.1f s)", fold, row["method"],
                 " ".join(f"{name} {row[name]:.3f}" for name in task.metric_names), row["train_seconds"],
             )

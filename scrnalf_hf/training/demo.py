@@ -136,7 +136,7 @@ def run_demo(
     dataset_dir = output_dir / "dataset"
     convert_anndata(
         load_pbmc68k_reduced(), dataset_dir, label_key=label_key, obs_keys=[k for k in LABEL_KEYS if k != label_key],
-        use_raw=True, require_counts=False, overwrite=True, progress=False,
+        use_raw=True, require_counts=False, species="human", overwrite=True, progress=False,
     )
     cells = open_cells(dataset_dir, name="pbmc68k_reduced")
     targets = read_targets(task, cells, label_key)

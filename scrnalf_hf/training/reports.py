@@ -150,6 +150,7 @@ def write_run_outputs(
             "label_key": summary["label_key"],
             "n_train_cells": summary["n_train_cells"],
             "n_eval_cells": summary["n_eval_cells"],
+            "species": _species(cells),
             "split": (
                 ("stratified" if result.targets.stratify is not None else "random")
                 + f": {len(result.train_rows)} training, {len(result.validation_rows)} validation "
@@ -163,6 +164,15 @@ def write_run_outputs(
     return summary
 
 
+def _species(cells: Cells) -> str | None:
+    """The species of the cells, where the dataset records one (``convert --species`` or
+    ``--species-key``); None otherwise."""
+    if "species" not in cells.dataset.column_names:
+        return None
+    names = sorted(set(map(str, cells.dataset.unique("species"))))
+    return ", ".join(names) or None
+
+
 def check_against_baselines(summary: dict) -> None:
     """Say loudly when a classifier does not beat the majority class (the first prototype's
     failure) or falls behind logistic regression on the same split."""
@@ -170,7 +180,7 @@ def check_against_baselines(summary: dict) -> None:
     majority, logreg = summary["baselines"].get("majority"), summary["baselines"].get("logreg")
     if model_f1 is None or majority is None or logreg is None:
         return
-    logger.warning(
+    logger.info(
         "held-out macro-F1: model %.3f | majority class %.3f | logistic regression %.3f",
         model_f1, majority["macro_f1"], logreg["macro_f1"],
     )

@@ -88,7 +88,9 @@ class Task:
             on the processor output of the same training cells.
         floor: the baseline every comparison shows (the floor a model must clear), if any.
         write_predictions: ``(adata, kept arrays, model config) -> None``: predictions into
-            ``obs`` / ``obsm``; None if the head predicts nothing a user keeps.
+            ``obs`` columns named ``scrnalf_*`` and ``obsm`` (``uns["scrnalf"]`` for names that
+            apply to every cell); None if the head predicts nothing a user keeps. It is called
+            per chunk of cells, so it writes per-cell values only.
         card_sentence / intended_use: model-card text, given the model config.
         metric_labels: display names of ``metric_names``; metric_types: model-index
             ``(metric_type, metric_config)`` of each.

@@ -98,7 +98,7 @@ def run_transfer(args) -> list[dict]:
     unlabelled, rows = _unlabelled_cells(cells, train, processor, args.pretrain_file)
 
     pretrained_dir = output_dir / "pretrained"
-    logger.warning("transfer: pretraining %s on %d unlabelled cells", args.preset, len(rows))
+    logger.info("transfer: pretraining %s on %d unlabelled cells", args.preset, len(rows))
     pre = finetune(
         MASKED_GENES, unlabelled, no_targets(unlabelled), rows,
         training_arguments(MASKED_GENES, pretrained_dir, seed=args.seed, num_train_epochs=args.pretrain_epochs, disable_tqdm=True),
@@ -124,7 +124,7 @@ def run_transfer(args) -> list[dict]:
         (logreg,), _ = fit_baselines(CLASSIFICATION, processor, CellPart(cells, targets, subset), test_part, ["logreg"], seed=args.seed)
         rows_out.append({"fraction": fraction, "n_labelled_cells": int(len(subset)), "method": "logreg",
                          "accuracy": logreg["accuracy"], "macro_f1": logreg["macro_f1"]})
-        logger.warning("transfer: fraction %g done: %s", fraction, [(r["method"], round(r["macro_f1"], 3)) for r in rows_out[-3:]])
+        logger.info("transfer: fraction %g done: %s", fraction, [(r["method"], round(r["macro_f1"], 3)) for r in rows_out[-3:]])
         (output_dir / "transfer.json").write_text(json.dumps(rows_out, indent=2) + "\n")
 
     lines = ["| labelled cells | fraction | pretrained | scratch | logreg |", "| --- | --- | --- | --- | --- |"]

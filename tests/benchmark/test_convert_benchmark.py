@@ -20,3 +20,14 @@ def test_convert_benchmark_compares_peak_memory_between_two_sizes(tmp_path):
     assert results["peak_rss_ratio"] == round(results["peak_rss_mb"] / results["smaller"]["peak_rss_mb"], 3)
     assert json.loads((tmp_path / "convert.json").read_text())["peak_rss_ratio"] == results["peak_rss_ratio"]
     assert "Peak memory at 500 cells" in (tmp_path / "convert.md").read_text()
+
+
+def test_predict_benchmark_streams_two_sizes_and_reports_their_peak_memory(tmp_path):
+    from scrnalf_hf.benchmark.predict import benchmark_predict
+
+    results = benchmark_predict(tmp_path, n_cells=1200, n_genes=100, compare_cells=300, batch_size=256)
+    assert [run["n_cells"] for run in results["runs"]] == [300, 1200]
+    assert all(run["cells_per_s"] > 0 and run["peak_rss_mb"] > 0 for run in results["runs"])
+    assert results["peak_rss_ratio"] == round(results["runs"][1]["peak_rss_mb"] / results["runs"][0]["peak_rss_mb"], 3)
+    assert "### predict, streamed" in (tmp_path / "predict.md").read_text()
+    assert not list((tmp_path / "predict_work").glob("predicted_*"))  # outputs removed after measuring
