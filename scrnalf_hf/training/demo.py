@@ -10,13 +10,13 @@ Steps (progress is printed as they run):
    have few cells;
 3. for the best transformer preset (highest macro-F1): the confusion matrix of its held-out
    predictions and a UMAP of its cell embeddings of all cells, coloured by cell type;
-4. export that preset's model of the first scored fold as a Hub-ready
-   ``scrna-longformer-<preset>`` folder (weights, config, processor, remote code, run records and
-   a model card filled from them, with every baseline of that fold beside it).
+4. export that preset's model of the first scored fold as the Hub-ready folder
+   ``scrna-longformer-pbmc`` (weights, config, processor, remote code, run records and a model
+   card filled from them, with every baseline of that fold beside it).
 
 Everything goes to ``output_dir`` (``demo_output/`` by default): ``dataset/``,
 ``comparison.json|md|png``, ``confusion_matrix.png``, ``umap_cell_embeddings.png``, ``runs/``,
-``scrna-longformer-<preset>/`` and ``README.md`` (the summary printed at the end).
+``scrna-longformer-pbmc/`` and ``README.md`` (the summary printed at the end).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ DEMO_RECIPES = {
     "large": {"num_train_epochs": 10, "learning_rate": 3e-3},
 }
 LABEL_KEYS = ("bulk_labels", "louvain")
+# The exported model's folder: the same name whichever preset wins, so that commands can name it.
+HUB_FOLDER = "scrna-longformer-pbmc"
 
 
 def _progress(message: str, started: float) -> None:
@@ -182,8 +184,8 @@ def run_demo(
         baselines = [row for row in result.rows if row["fold"] == fold and row["method"] in task.baselines]
         write_run_outputs(run_dir, cells, fit, held_out, baselines, method=best, preset=best, model_name_or_path=None,
                           class_weighting=class_weighting, freeze=False)
-        hub_folder = output_dir / f"scrna-longformer-{best}"
-        export_hub_folder(run_dir, hub_folder, repo_id=f"scrnalf/scrna-longformer-{best}")
+        hub_folder = output_dir / HUB_FOLDER
+        export_hub_folder(run_dir, hub_folder, repo_id=f"scrnalf/{HUB_FOLDER}")
         files["hub_folder"] = hub_folder
         _progress(f"Hub-ready folder written: {hub_folder}", started)
 
