@@ -99,9 +99,10 @@ def test_duplicate_symbols_align_by_ensembl_id(tmp_path):
     assert collator.alignment.matched_by == "gene_ids" and collator.alignment.fraction == 1.0
     batch = collator([dataset[i] for i in range(len(dataset))])
     np.testing.assert_array_equal(batch["expression"].numpy(), adata.X.toarray())
-    symbols_only = ScrnaLongformerProcessor(gene_symbols=list(adata.var_names[2:]) + ["A", "B"])
-    with pytest.raises(ValueError, match="duplicate gene names"):
-        GenePanelCollator(symbols_only, dataset_genes(tmp_path / "out"))
+    # the repeat is renamed as var_names_make_unique would, so a symbols-only panel still aligns
+    assert dataset_genes(tmp_path / "out").gene_symbols[:2] == ["DUP", "dup-1"]
+    symbols_only = ScrnaLongformerProcessor(gene_symbols=["DUP"] + list(adata.var_names[2:]))
+    assert GenePanelCollator(symbols_only, dataset_genes(tmp_path / "out")).alignment.matched_by == "gene_symbols"
 
 
 def test_low_gene_overlap_is_refused_with_the_overlap_in_the_message(converted):

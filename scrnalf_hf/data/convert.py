@@ -28,6 +28,15 @@ shards are written straight from CSR row chunks instead of through ``save_to_dis
 map the whole output into memory. Everything is written into a hidden temporary folder next to
 ``output_dir`` and renamed into place only when complete, so an interrupted conversion never
 leaves a folder that looks like a finished dataset.
+
+Gene names. Where ``.var`` has Ensembl ids (``gene_id_key``, or a usual id column such as
+``gene_ids``), the ids are the gene key: repeated *symbols* are fine (10x tables repeat some,
+e.g. ``Rp1`` twice), but a repeated id (compared without its version suffix, as models match
+them) is an error that names it. Either way, repeated symbols (compared case-insensitively, as
+models match them) are made unique the way ``anndata``'s ``var_names_make_unique`` does it
+(``Rp1``, ``Rp1-1``), and those unique names are what ``genes.json`` records, because a model's
+gene panel needs one name per gene; without ids, a warning names the renamed genes. See
+:func:`~scrnalf_hf.data.anndata_io.gene_names_from_var`.
 """
 
 from __future__ import annotations
