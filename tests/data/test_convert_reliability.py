@@ -3,16 +3,21 @@ leftovers of interrupted runs, --overwrite of something that is not a dataset, r
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import anndata as ad
+import datasets
 import numpy as np
 import pytest
 
+from scrnalf_hf.data import convert as convert_module
 from scrnalf_hf.data import convert_anndata, dataset_genes, simulate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +62,167 @@ def wait_for(condition, timeout: float, what: str):
 
 def staging_folders(parent: Path, name: str = "out") -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.name.startswith(f".{name}.incomplete-"))
+
+
+# -- a parent killed while its workers write ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed_parallel_run(tmp_path_factory):
+    """Kill (SIGKILL) a 2-worker conversion while both workers write shards.
+
+    Returns the folder and the workers still alive 5 s after the kill (then killed, so a failing
+    run leaves no stray processes on the machine).
+    """
+    import psutil
+
+    folder = tmp_path_factory.mktemp("killed")
+    small_counts(n_cells=400).write_h5ad(folder / "in.h5ad")
+    child = python_child(slowed_conversion(folder / "in.h5ad", folder / "out", 0.3, num_proc=2))
+    parent = psutil.Process(child.pid)
+    workers = wait_for(lambda: len(parent.children()) >= 2 and parent.children(), 120, "two worker processes")
+    wait_for(lambda: any(p.glob("data-*.arrow") for p in staging_folders(folder)), 60, "a shard being written")
+    child.kill()
+    child.wait()
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    for worker in alive:
+        worker.kill()
+    return folder, alive
+
+
+def test_workers_die_with_their_killed_parent(killed_parallel_run):
+    _, alive = killed_parallel_run
+    assert alive == [], f"worker processes {[p.pid for p in alive]} outlived their SIGKILLed parent"
+
+
+def test_next_conversion_removes_what_a_killed_run_left_and_names_it(killed_parallel_run, caplog):
+    folder, _ = killed_parallel_run
+    leftovers = staging_folders(folder)
+    assert leftovers, "the killed run should have left its staging folder"
+    with caplog.at_level(logging.WARNING, logger=convert_module.__name__):
+        dataset = convert_anndata(folder / "in.h5ad", folder / "out", progress=False)
+    assert len(dataset) == 400
+    assert staging_folders(folder) == []
+    for leftover in leftovers:
+        assert leftover.name in caplog.text
+    assert "interrupted" in caplog.text
+
+
+def test_an_interrupted_parallel_conversion_stops_its_workers_at_once(tmp_path, monkeypatch):
+    """Ctrl-C (or an error) in the parent must not wait for the remaining shards to be written."""
+    import psutil
+
+    real_table, real_wait, calls = convert_module._cells_table, convert_module.wait, []
+
+    def slow_table(*args):  # runs in the forked workers
+        time.sleep(0.2)
+        return real_table(*args)
+
+    def interrupted_wait(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "_cells_table", slow_table)
+    monkeypatch.setattr(convert_module, "wait", interrupted_wait)
+    adata = small_counts(n_cells=400)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):  # 40 chunks of 0.2 s on 2 workers: 4 s if it waited
+        convert_anndata(adata, tmp_path / "out", chunk_size=10, cells_per_shard=50, num_proc=2, progress=False)
+    assert time.monotonic() - started < 2.5
+    assert psutil.Process().children() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_running_conversions_staging_folder_is_left_alone(tmp_path):
+    small_counts(n_cells=200).write_h5ad(tmp_path / "in.h5ad")
+    child = python_child(slowed_conversion(tmp_path / "in.h5ad", tmp_path / "out", 600, num_proc=1))
+    try:
+        running = wait_for(lambda: staging_folders(tmp_path), 120, "the running conversion's staging folder")
+        convert_anndata(tmp_path / "in.h5ad", tmp_path / "out", progress=False)
+        assert staging_folders(tmp_path) == running
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_staging_folder_whose_pid_was_reused_is_removed(tmp_path, caplog):
+    """A pid alive again after its writer died belongs to another process (other start time)."""
+    stale = tmp_path / f".out.incomplete-{os.getpid()}-0a1b2c3d"
+    stale.mkdir()
+    (stale / convert_module.WRITER_FILE).write_text(
+        json.dumps({"pid": os.getpid(), "create_time": 1.0, "host": socket.gethostname()})
+    )
+    (stale / "data-00000-of-00001.arrow").write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger=convert_module.__name__):
+        convert_anndata(small_counts(), tmp_path / "out", progress=False)
+    assert not stale.exists() and stale.name in caplog.text
+
+
+def test_a_dataset_moved_aside_by_an_interrupted_replace_is_restored(tmp_path, caplog):
+    """Without an atomic exchange, a kill between the two renames leaves only `.out.replaced-*`."""
+    old = small_counts(n_cells=90)
+    convert_anndata(old, tmp_path / "out", progress=False)
+    writer = subprocess.Popen(["true"])
+    writer.wait()
+    (tmp_path / "out").rename(tmp_path / f".out.replaced-{writer.pid}-0a1b2c3d")
+    with caplog.at_level(logging.WARNING, logger=convert_module.__name__), pytest.raises(FileExistsError):
+        convert_anndata(small_counts(n_cells=120), tmp_path / "out", progress=False)
+    assert len(datasets.load_from_disk(str(tmp_path / "out"))) == 90
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert "restored" in caplog.text
+
+
+def test_replacing_swaps_the_finished_dataset_in_and_leaves_nothing_behind(tmp_path):
+    convert_anndata(small_counts(n_cells=90), tmp_path / "out", progress=False)
+    dataset = convert_anndata(small_counts(n_cells=120), tmp_path / "out", overwrite=True, progress=False)
+    assert len(dataset) == 120
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert convert_module.WRITER_FILE not in {p.name for p in (tmp_path / "out").iterdir()}
+
+
+# -- --overwrite replaces only what convert wrote -----------------------------------------------
+
+
+def foreign_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "notes.txt").write_text("my analysis")
+
+
+def saved_to_disk_dataset(path: Path) -> None:
+    datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(path))
+
+
+def fake_genes_json(path: Path) -> None:
+    path.mkdir()
+    for name in ("genes.json", "dataset_info.json", "state.json"):
+        (path / name).write_text("[1, 2, 3]")
+
+
+@pytest.mark.parametrize(
+    "make_target", [foreign_folder, saved_to_disk_dataset, fake_genes_json, Path.mkdir], ids=lambda f: f.__name__
+)
+def test_overwrite_refuses_a_folder_that_is_not_a_converted_dataset(tmp_path, make_target):
+    target = tmp_path / "out"
+    make_target(target)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"not a dataset written by scrnalf convert") as error:
+        convert_anndata(small_counts(), target, overwrite=True, progress=False)
+    assert str(target) in str(error.value) and "genes.json" in str(error.value)
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_existing_file_as_output_is_refused_before_anything_is_written(tmp_path, overwrite, monkeypatch):
+    (tmp_path / "out").write_text("results")
+    monkeypatch.setattr(convert_module, "open_anndata", lambda *a, **k: pytest.fail("the input was read"))
+    with pytest.raises(FileExistsError, match=r"is a file, not a folder") as error:
+        convert_anndata(small_counts(), tmp_path / "out", overwrite=overwrite, progress=False)
+    assert str(tmp_path / "out") in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out").read_text() == "results"
 
 
 # -- repeated genes ---------------------------------------------------------------------------------
