@@ -3,6 +3,7 @@ leftovers of interrupted runs, --overwrite of something that is not a dataset, r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -287,3 +288,23 @@ def test_streamed_and_converted_gene_lists_agree_with_repeated_symbols(tmp_path)
         convert_anndata(tmp_path / "in.h5ad", tmp_path / "out", progress=False, num_proc=2, cells_per_shard=40)
     with pytest.warns(UserWarning, match="repeat"):
         assert dataset_genes(tmp_path / "in.h5ad") == dataset_genes(tmp_path / "out")
+
+
+# -- SIGKILL at random points (the fast version of scripts/kill_test.py) -------------------------------
+
+
+def load_kill_test():
+    spec = importlib.util.spec_from_file_location("kill_test", REPO / "scripts" / "kill_test.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_killed_at_random_moments_leaves_a_whole_dataset_and_no_orphan(tmp_path):
+    """Three kills of `scrnalf convert --overwrite --num-proc 2` while it works on its output."""
+    rounds = load_kill_test().convert_rounds(
+        tmp_path, kills=3, seed=1, n_cells=3000, n_genes=300, num_proc=2, window="work"
+    )
+    assert len(rounds) == 3
+    assert [problem for result in rounds for problem in result.problems] == []

@@ -3,8 +3,10 @@ with shapes that fit the config; a broken folder is refused by name before any r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from scrnalf_hf.cli import main as scrnalf
 from scrnalf_hf.hub import HubFolderError, export_hub_folder, push_to_hub
 
 REPO_ID = "org/scrna-longformer-tiny"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +130,18 @@ def test_sharded_weights_are_read_shard_by_shard_against_their_index(local_hub, 
     index_path.write_text(json.dumps(index))
     with pytest.raises(HubFolderError, match=r"index\.json does not match its shards .*'classifier\.bias'"):
         push_to_hub(hub_folder, REPO_ID, revision="other")
+
+
+def load_kill_test():
+    spec = importlib.util.spec_from_file_location("kill_test", REPO / "scripts" / "kill_test.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_push_killed_at_random_moments_leaves_main_whole_and_no_orphan(tmp_path):
+    """Three kills of `scrnalf push` once it talks to the (local) Hub; the second pushes over a commit."""
+    rounds = load_kill_test().push_rounds(tmp_path, kills=3, seed=1, n_genes=50, window="work")
+    assert len(rounds) == 3
+    assert [problem for result in rounds for problem in result.problems] == []
