@@ -667,8 +667,8 @@ def remove_interrupted_leftovers(output_dir: str | Path) -> list[Path]:
             continue
         removed.append(folder)
         logger.warning(
-            "removed %s (%.1f MB) in %s, left by a conversion to %s that was interrupted (its process %d is gone).",
-            folder.name, size / 1e6, folder.parent, output_dir.name, pid,
+            "removed %s (%s) in %s, left by a conversion to %s that was interrupted (its process %d is gone).",
+            folder.name, tqdm.format_sizeof(size, "B", 1000), folder.parent, output_dir.name, pid,
         )
     return removed
 

@@ -77,7 +77,8 @@ def _relative_imports(source: Path) -> set[str]:
 
 
 def validate_hub_folder(model_dir: str | Path) -> HubFolder:
-    """Check that ``model_dir`` holds everything a user needs to load the model by repo id.
+    """Check that ``model_dir`` holds everything a user needs to load the model by repo id, and
+    that it loads: config, processor, and every weight tensor with the shape the config implies.
 
     Raises:
         HubFolderError: naming the first missing or broken piece and how to produce it.
@@ -299,7 +300,8 @@ def push_to_hub(
     endpoint from ``HF_ENDPOINT``.
 
     Raises:
-        HubFolderError: the folder is incomplete or the repo id invalid (before any network call).
+        HubFolderError: the folder is incomplete or does not load (config, processor, weights, card),
+            or the repo id is invalid (all before any network call).
         HubPushError: no token, the token cannot write the repo, or the endpoint is unreachable.
     """
     _check_repo_id(repo_id)
