@@ -24,16 +24,16 @@ _KIND_NAMES = {"counts": "raw integer counts", "log1p": "log-normalised values (
 GENE_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "feature_id")
 
 
-def _gene_id_key(gene_id: str) -> str:
+def gene_id_match_key(gene_id: str) -> str:
     """Ensembl ids match without their version suffix: ENSG00000141510.16 == ENSG00000141510."""
     return str(gene_id).split(".")[0].upper()
 
 
-def _symbol_key(symbol: str) -> str:
+def symbol_match_key(symbol: str) -> str:
     return str(symbol).lower()
 
 
-def _duplicates(keys: Sequence[str]) -> list[str]:
+def repeated_keys(keys: Sequence[str]) -> list[str]:
     seen, repeated = set(), []
     for key in keys:
         if key in seen and key not in repeated:
@@ -44,18 +44,20 @@ def _duplicates(keys: Sequence[str]) -> list[str]:
 
 def make_unique(names: Sequence[str]) -> list[str]:
     """Repeated names get ``-1``, ``-2``, ... appended, as anndata's ``var_names_make_unique``
-    does (case-insensitively here, as genes are matched): ``[A, a, A] -> [A, a-1, A-2]``."""
-    taken = {_symbol_key(name) for name in names}
+    does (case-insensitively here, as genes are matched): ``[A, a, A] -> [A, a-1, A-2]``. The one
+    rule for repeated gene symbols: ``convert`` names a dataset's genes with it, the processor
+    aligns an input's genes with it (this file imports no anndata: it travels as remote code)."""
+    taken = {symbol_match_key(name) for name in names}
     seen: set[str] = set()
     unique = []
     for name in names:
-        key = _symbol_key(name)
+        key = symbol_match_key(name)
         if key in seen:
             suffix = 1
-            while _symbol_key(f"{name}-{suffix}") in taken:
+            while symbol_match_key(f"{name}-{suffix}") in taken:
                 suffix += 1
             name = f"{name}-{suffix}"
-            key = _symbol_key(name)
+            key = symbol_match_key(name)
             taken.add(key)
         seen.add(key)
         unique.append(name)
@@ -170,11 +172,11 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         # Ids, where the panel has them, are the genes' keys: real feature tables repeat symbols
         # (10x lists `Rp1` twice in mouse) but never ids. Without ids the symbols are the keys.
         if self.gene_ids is not None:
-            repeated = _duplicates([_gene_id_key(g) for g in self.gene_ids])
+            repeated = repeated_keys([gene_id_match_key(g) for g in self.gene_ids])
             if repeated:
                 raise ValueError(f"duplicate gene ids in the panel: {repeated[:10]}; every gene needs its own id.")
         else:
-            repeated = _duplicates([_symbol_key(s) for s in self.gene_symbols])
+            repeated = repeated_keys([symbol_match_key(s) for s in self.gene_symbols])
             if repeated:
                 raise ValueError(
                     f"duplicate gene symbols in the panel (case-insensitive): {repeated[:10]}; give Ensembl "
@@ -250,22 +252,22 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         looks_like_ids = len(gene_names) > 0 and np.mean([n.upper().startswith("ENS") for n in gene_names]) > 0.9
         if self.gene_ids is not None and (gene_ids is not None or looks_like_ids):
             matched_by = "gene_ids"
-            input_keys = [_gene_id_key(g) for g in (gene_ids if gene_ids is not None else gene_names)]
-            repeated = _duplicates(input_keys)
+            input_keys = [gene_id_match_key(g) for g in (gene_ids if gene_ids is not None else gene_names)]
+            repeated = repeated_keys(input_keys)
             if repeated:
                 raise ValueError(f"duplicate gene ids in the input: {repeated[:10]}; every gene needs its own id.")
-            vocab_keys = [_gene_id_key(g) for g in self.gene_ids]
+            vocab_keys = [gene_id_match_key(g) for g in self.gene_ids]
         else:
             matched_by = "gene_symbols"
-            input_keys = [_symbol_key(n) for n in make_unique(gene_names)]
-            repeated = _duplicates([_symbol_key(n) for n in gene_names])
+            input_keys = [symbol_match_key(n) for n in make_unique(gene_names)]
+            repeated = repeated_keys([symbol_match_key(n) for n in gene_names])
             if repeated:
                 logger.warning(
                     f"the input repeats gene symbols {repeated[:10]} and has no gene ids; the first of each is "
                     "matched to the panel (the others are renamed NAME-1, NAME-2, ... as var_names_make_unique does)."
                 )
-            vocab_keys = [_symbol_key(s) for s in self.gene_symbols]
-            ambiguous = set(_duplicates(vocab_keys))
+            vocab_keys = [symbol_match_key(s) for s in self.gene_symbols]
+            ambiguous = set(repeated_keys(vocab_keys))
             vocab_keys = [None if key in ambiguous else key for key in vocab_keys]
         position = {key: index for index, key in enumerate(vocab_keys) if key is not None}
         vocab_index = np.array([position.get(key, -1) for key in input_keys], dtype=np.int64)

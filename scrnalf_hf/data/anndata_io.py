@@ -11,10 +11,16 @@ Where the matrix comes from (``layer`` / ``use_raw``):
 - neither, when counts are required → the first present of ``layers["counts"]``, ``.raw.X``,
   ``X`` (the scverse places for raw counts);
 - neither, when counts are not required → ``X``.
+
+Gene names (:func:`gene_names_from_var`): Ensembl ids, where ``.var`` has them, are the gene key
+and must be unique; symbols may repeat and are made unique the way ``var_names_make_unique``
+does it, so that every reader of an AnnData (``convert``, ``finetune``, ``pretrain``) sees one
+name per gene, as a model's gene panel requires.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +34,11 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from ..processing_scrnalf import GENE_ID_COLUMNS
+from ..processing_scrnalf import GENE_ID_COLUMNS, gene_id_match_key, make_unique, repeated_keys
 
 COUNTS_LAYER = "counts"
+
+logger = logging.getLogger(__name__)
 
 
 def read_anndata(path: str | Path, backed: bool = False) -> ad.AnnData:
@@ -69,10 +77,20 @@ def _open_h5ad(path: Path) -> h5py.File:
 
 
 def gene_names_from_var(var: pd.DataFrame, gene_id_key: str | None = None) -> tuple[list[str], list[str] | None]:
-    """Gene symbols (``var_names``) and Ensembl ids (``var[gene_id_key]`` or a usual id column).
+    """Gene symbols (``var_names``, made unique) and Ensembl ids (``var[gene_id_key]`` or a usual id column).
+
+    The ids, where present, are the gene key: a repeated id (compared without its version
+    suffix, ``ENSG…1.2`` = ``ENSG…1.3``, as models match ids) is an error. Symbols may repeat
+    (10x tables list e.g. ``Rp1`` twice): repeats (compared case-insensitively, as models match
+    symbols) get the suffixes of ``anndata``'s ``var_names_make_unique`` (``Rp1``, ``Rp1-1``), so
+    that a gene panel built from them has one name per gene. Without ids a ``UserWarning`` names
+    the renamed genes, because matching by symbol then depends on the new names.
 
     Returns:
         ``(gene_symbols, gene_ids)``; ``gene_ids`` is ``None`` when ``.var`` has no id column.
+
+    Raises:
+        ValueError: ``gene_id_key`` is not a column, or the id column repeats an id.
     """
     if gene_id_key is None:
         gene_id_key = next((column for column in GENE_ID_COLUMNS if column in var.columns), None)
@@ -80,7 +98,29 @@ def gene_names_from_var(var: pd.DataFrame, gene_id_key: str | None = None) -> tu
         raise ValueError(f"gene_id_key {gene_id_key!r} is not a column of .var; columns: {list(var.columns)}.")
     symbols = [str(name) for name in var.index]
     ids = None if gene_id_key is None else [str(value) for value in var[gene_id_key]]
-    return symbols, ids
+    if ids is not None:
+        repeated_ids = repeated_keys([gene_id_match_key(gene_id) for gene_id in ids])
+        if repeated_ids:
+            raise ValueError(
+                f".var[{gene_id_key!r}] is the gene key but repeats {len(repeated_ids)} gene id(s) (ignoring "
+                f"version suffixes): {repeated_ids[:10]}; each id must name one gene. Drop or sum the repeated "
+                f"genes first, or pick another id column with gene_id_key= (--gene-id-key)."
+            )
+    unique_symbols = make_unique(symbols)
+    renamed = [(old, new) for old, new in zip(symbols, unique_symbols) if old != new]
+    if renamed:
+        shown = ", ".join(f"{old!r} → {new!r}" for old, new in renamed[:10])
+        if ids is None:
+            warnings.warn(
+                f"{len(renamed)} gene symbol(s) repeat (case-insensitively) and .var has no gene id column, so the "
+                f"repeats were renamed as var_names_make_unique would: {shown}. Genes are matched to a model by "
+                "these names; pass gene_id_key= (--gene-id-key) if .var holds Ensembl ids.",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            logger.info("genes are keyed by .var[%r]; repeated symbols renamed: %s", gene_id_key, shown)
+    return unique_symbols, ids
 
 
 @dataclass

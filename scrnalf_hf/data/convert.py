@@ -25,19 +25,51 @@ The folder has exactly the layout ``Dataset.save_to_disk`` writes (``data-XXXXX-
 shards, ``dataset_info.json``, ``state.json``), so ``datasets.load_from_disk`` opens it. The
 shards are written straight from CSR row chunks instead of through ``save_to_disk``, because
 ``save_to_disk`` needs a finished ``Dataset`` first: writing it twice would double the time and
-map the whole output into memory. Everything is written into a hidden temporary folder next to
-``output_dir`` and renamed into place only when complete, so an interrupted conversion never
-leaves a folder that looks like a finished dataset.
+map the whole output into memory.
+
+Gene names. Where ``.var`` has Ensembl ids (``gene_id_key``, or a usual id column such as
+``gene_ids``), the ids are the gene key: repeated *symbols* are fine (10x tables repeat some,
+e.g. ``Rp1`` twice), but a repeated id (compared without its version suffix, as models match
+them) is an error that names it. Either way, repeated symbols (compared case-insensitively, as
+models match them) are made unique the way ``anndata``'s ``var_names_make_unique`` does it
+(``Rp1``, ``Rp1-1``), and those unique names are what ``genes.json`` records, because a model's
+gene panel needs one name per gene; without ids, a warning names the renamed genes. See
+:func:`~scrnalf_hf.data.anndata_io.gene_names_from_var`.
+
+Interruptions. Everything is written into a hidden staging folder next to ``output_dir``,
+``.NAME.incomplete-PID-XXXXXXXX`` (PID: the converting process, also recorded with its start time
+in the folder's ``.scrnalf-writer.json``), and moved into place only when complete, so a killed
+conversion never leaves a folder that looks like a finished dataset. A previous dataset is
+replaced by swapping the two folders in one step (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere
+it is first moved aside to ``.NAME.replaced-PID-XXXXXXXX``), so a kill leaves either the old or
+the new dataset at ``output_dir``. Worker processes (``num_proc > 1``) die with the process that
+started them. The next conversion to the same ``output_dir`` removes the leftovers of
+interrupted runs whose process is gone (logging what it removed) and never touches those of a
+conversion still running.
+
+Replacing. ``overwrite=True`` replaces only a folder this module wrote (``genes.json``,
+``dataset_info.json`` and ``state.json``); any other folder, and any existing file, is refused
+before anything is read or written.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -47,6 +79,7 @@ import anndata as ad
 import datasets
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import scipy.sparse as sp
 from datasets.arrow_writer import ArrowWriter
@@ -61,8 +94,12 @@ from .anndata_io import (
 )
 
 GENES_FILE = "genes.json"
+DATASET_FILES = (GENES_FILE, datasets.config.DATASET_INFO_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
+WRITER_FILE = ".scrnalf-writer.json"
 DEFAULT_CHUNK_SIZE = 8192
 DEFAULT_CELLS_PER_SHARD = 100_000
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -255,10 +292,42 @@ def _write_shard(
 # Worker processes open their own view of the input once (the file by path; an in-memory
 # AnnData is inherited through fork, not pickled), kept here for the worker's lifetime.
 _worker_state: dict = {}
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _init_worker(source_arguments: dict, plan: _ConversionPlan, progress_queue) -> None:
-    _worker_state["source"] = open_anndata(**source_arguments)
+def _die_with_parent(parent_pid: int) -> None:
+    """Makes this worker exit as soon as the conversion process that forked it dies.
+
+    An orphaned worker would finish shards nobody collects, then hang at exit flushing progress
+    into a queue nobody reads. On Linux the kernel kills the worker when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``): immediate, and effective while the worker sits in HDF5 or Arrow
+    C code, where a Python-level check would not run. The signal follows the parent *thread* that
+    forked the worker; ``ProcessPoolExecutor`` forks every worker from the thread that called
+    :func:`convert_anndata`, which outlives the pool. Elsewhere a daemon thread polls the parent.
+    A parent that died before this ran has already handed the worker to another process, which
+    the ``getppid`` check catches.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _init_worker(source_arguments: dict, plan: _ConversionPlan, progress_queue, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the parent has already warned about the input once
+        _worker_state["source"] = open_anndata(**source_arguments)
     _worker_state["plan"] = plan
     _worker_state["queue"] = progress_queue
 
@@ -266,6 +335,19 @@ def _init_worker(source_arguments: dict, plan: _ConversionPlan, progress_queue) 
 def _write_shard_in_worker(start: int, stop: int, path: str) -> np.ndarray:
     queue = _worker_state["queue"]
     return _write_shard(_worker_state["source"], _worker_state["plan"], start, stop, Path(path), queue.put)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kills the workers mid-shard: a failed or interrupted conversion should not wait for shards
+    nobody will use. ``concurrent.futures`` has no public call for this before Python 3.14
+    (``kill_workers``), hence its ``_processes``."""
+    kill_workers = getattr(pool, "kill_workers", None)
+    if kill_workers is not None:
+        kill_workers()
+    else:
+        for worker in list((pool._processes or {}).values()):
+            worker.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_shards_in_parallel(
@@ -281,9 +363,13 @@ def _write_shards_in_parallel(
             except queue.Empty:
                 return
 
-    with ProcessPoolExecutor(
-        num_proc, mp_context=context, initializer=_init_worker, initargs=(source_arguments, plan, progress_queue)
-    ) as pool:
+    pool = ProcessPoolExecutor(
+        num_proc,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(source_arguments, plan, progress_queue, os.getpid()),
+    )
+    try:
         futures = [pool.submit(_write_shard_in_worker, start, stop, str(path)) for start, stop, path in jobs]
         pending = set(futures)
         while pending:
@@ -291,9 +377,12 @@ def _write_shards_in_parallel(
             drain()
             failed = next((f for f in done if f.exception() is not None), None)
             if failed is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
                 raise failed.exception()
         drain()
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
     return np.logical_or.reduce([future.result() for future in futures])
 
 
@@ -362,7 +451,8 @@ def convert_anndata(
         chunk_size: cells read, checked and written at a time.
         cells_per_shard: cells per Arrow file (at least ``num_proc`` files are written).
         num_proc: worker processes; each writes whole shards.
-        overwrite: replace an existing ``output_dir`` (only once the new one is complete).
+        overwrite: replace an existing ``output_dir`` written by this function (only once the
+            new one is complete); any other existing folder is refused.
         progress: show a tqdm progress bar.
         card_writer: called as ``card_writer(folder, summary)`` on the finished temporary
             folder before it is renamed into place, to write a dataset card (``README.md``).
@@ -371,17 +461,25 @@ def convert_anndata(
         The converted dataset, memory-mapped from ``output_dir``.
 
     Raises:
-        FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+        FileExistsError: ``output_dir`` exists and ``overwrite`` is False, or it is a file, a
+            symbolic link, or a folder that this function did not write (checked before the
+            input is read).
         ValueError: bad input (unreadable file, NaN, negative or non-integer counts, empty cells
             or genes, missing label column, duplicated cell ids), before anything is renamed.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose a new folder or pass overwrite=True (--overwrite).")
     if chunk_size < 1 or cells_per_shard < 1 or num_proc < 1:
         raise ValueError(
             f"chunk_size, cells_per_shard and num_proc must be >= 1, got {chunk_size}, {cells_per_shard}, {num_proc}."
         )
+    _check_output_target(output_dir)
+    remove_interrupted_leftovers(output_dir)
+    if output_dir.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} already exists; choose a new folder or pass overwrite=True (--overwrite)."
+            )
+        _check_replaceable(output_dir)
     source_arguments = {
         "source": adata_or_path,
         "layer": layer,
@@ -395,9 +493,10 @@ def convert_anndata(
         )
         bounds = _shard_bounds(source.n_cells, cells_per_shard, num_proc)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = output_dir.parent / f".{output_dir.name}.incomplete-{uuid.uuid4().hex[:8]}"
+        staging = _sibling(output_dir, "incomplete")
         staging.mkdir()
         try:
+            _record_writer(staging)
             jobs = [
                 (start, stop, staging / f"data-{i:05d}-of-{len(bounds):05d}.arrow")
                 for i, (start, stop) in enumerate(bounds)
@@ -436,22 +535,181 @@ def convert_anndata(
             )
             if card_writer is not None:
                 card_writer(staging, summary)
-            _replace(staging, output_dir)
+            # The pid in the folder's name still marks it as ours for the last few steps.
+            (staging / WRITER_FILE).unlink()
+            _move_into_place(staging, output_dir)
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
     return datasets.load_from_disk(str(output_dir))
 
 
-def _replace(staging: Path, output_dir: Path) -> None:
-    """Moves the finished folder into place; an old ``output_dir`` is removed only afterwards."""
-    if output_dir.exists():
-        retired = output_dir.parent / f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}"
+# -- where the output goes: checks, staging folders, leftovers of interrupted runs ------------------
+
+_LEFTOVER_NAME = re.compile(r"(?P<kind>incomplete|replaced)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def _sibling(output_dir: Path, kind: str) -> Path:
+    """A hidden folder next to ``output_dir`` whose name carries this process's id."""
+    return output_dir.parent / f".{output_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _record_writer(staging: Path) -> None:
+    """Records who writes ``staging``: the start time tells a reused pid from the writer, the host
+    tells a folder on a shared file system written by another machine."""
+    record = {"pid": os.getpid(), "create_time": psutil.Process().create_time(), "host": socket.gethostname()}
+    (staging / WRITER_FILE).write_text(json.dumps(record))
+
+
+def _writer_is_running(folder: Path, pid: int) -> bool:
+    try:
+        record = json.loads((folder / WRITER_FILE).read_text())
+    except (OSError, ValueError):
+        record = {}  # not written yet, or removed just before the folder moved into place
+    if record.get("host", socket.gethostname()) != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        started = record.get("create_time")
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # another user's process: it exists, and we may not judge it
+
+
+def _is_converted_dataset(folder: str | Path) -> bool:
+    """Whether ``folder`` is a dataset written by :func:`convert_anndata` (its three records present,
+    ``genes.json`` holding the gene list)."""
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in DATASET_FILES):
+        return False
+    try:
+        record = json.loads((folder / GENES_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "gene_symbols" in record
+
+
+def _check_output_target(output_dir: Path) -> None:
+    if output_dir.is_symlink():
+        raise FileExistsError(
+            f"{output_dir} is a symbolic link; pass the folder it points to ({output_dir.resolve()}) or a new path."
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(
+            f"{output_dir} is a file, not a folder; convert writes a dataset folder and never replaces a file, "
+            "even with overwrite=True (--overwrite). Choose another output path or move the file away."
+        )
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    if _is_converted_dataset(output_dir):
+        return
+    contents = sorted(p.name for p in output_dir.iterdir())
+    missing = [name for name in DATASET_FILES if name not in contents]
+    if not contents:
+        found = "it is empty"
+    elif missing:
+        found = f"it lacks {', '.join(missing)} and holds {contents[:5]}{' ...' if len(contents) > 5 else ''}"
+    else:
+        found = f"its {GENES_FILE} is not the gene record convert writes"
+    raise FileExistsError(
+        f"{output_dir} is not a dataset written by scrnalf convert (expected {', '.join(DATASET_FILES)}; {found}), "
+        "so overwrite=True (--overwrite) will not replace it. Choose a new output folder, or delete this one "
+        "yourself if it is disposable."
+    )
+
+
+def remove_interrupted_leftovers(output_dir: str | Path) -> list[Path]:
+    """Removes what conversions to ``output_dir`` left behind when they were killed.
+
+    These are hidden folders next to ``output_dir``: ``.NAME.incomplete-PID-*`` (a dataset being
+    written) and ``.NAME.replaced-PID-*`` (a previous dataset moved aside), whose process ``PID``
+    is gone. Folders of a conversion still running are left alone. A moved-aside dataset is put
+    back when nothing took its place at ``output_dir``. Each removal is logged as a warning.
+
+    Returns:
+        The folders removed.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.parent.is_dir():
+        return []
+    prefix = f".{output_dir.name}."
+    removed = []
+    for folder in sorted(output_dir.parent.iterdir()):
+        match = _LEFTOVER_NAME.fullmatch(folder.name[len(prefix) :]) if folder.name.startswith(prefix) else None
+        if match is None or not folder.is_dir() or folder.is_symlink():
+            continue
+        if match["pid"] is None:
+            logger.warning(
+                "%s was left by an interrupted conversion to %s of an older scrnalf, which did not record its "
+                "process; delete it yourself (rm -r) if no conversion to %s is running.",
+                folder, output_dir, output_dir,
+            )
+            continue
+        pid = int(match["pid"])
+        if _writer_is_running(folder, pid):
+            continue
+        if match["kind"] == "replaced" and not output_dir.exists() and _is_converted_dataset(folder):
+            os.rename(folder, output_dir)
+            logger.warning(
+                "restored %s from %s, where a conversion (process %d, gone) moved it aside before it was killed.",
+                output_dir, folder.name, pid,
+            )
+            continue
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            logger.warning("could not remove %s, left by an interrupted conversion; delete it yourself.", folder)
+            continue
+        removed.append(folder)
+        logger.warning(
+            "removed %s (%s) in %s, left by a conversion to %s that was interrupted (its process %d is gone).",
+            folder.name, tqdm.format_sizeof(size, "B", 1000), folder.parent, output_dir.name, pid,
+        )
+    return removed
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # from <linux/fs.h>
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where
+    the system or the file system cannot, and nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Moves the finished folder to ``output_dir``; a previous dataset there is removed afterwards.
+
+    Swapping the two in one step means a kill at any moment leaves a complete dataset at
+    ``output_dir``, old or new. Where no swap exists, two renames leave a short gap, which
+    :func:`remove_interrupted_leftovers` closes by putting the old dataset back.
+    """
+    if not output_dir.exists():
+        os.rename(staging, output_dir)
+    elif _exchange(staging, output_dir):
+        shutil.rmtree(staging)  # now the previous dataset
+    else:
+        retired = _sibling(output_dir, "replaced")
         os.rename(output_dir, retired)
         os.rename(staging, output_dir)
         shutil.rmtree(retired)
-    else:
-        os.rename(staging, output_dir)
 
 
 def _stream_cells(

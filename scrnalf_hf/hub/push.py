@@ -3,8 +3,11 @@
 Everything that can be checked locally is checked before the first network call, so a bad
 folder or repo id never leaves a half-published repo: weights (safetensors), config.json with an
 ``auto_map``, the remote-code files it and the processor name (and their relative imports), the
-custom pipeline file, preprocessor_config.json, and README.md with valid card metadata. The
-upload itself is a single ``create_commit``: the branch moves only if every file arrived.
+custom pipeline file, preprocessor_config.json, and README.md with valid card metadata. Then the
+folder is loaded as a user would load it: the config (``AutoConfig``), the processor, and every
+weight tensor (``safetensors``), whose names and shapes must be those of the model the config
+describes; a truncated or mismatched file is refused by name. The upload itself is a single
+``create_commit``: the branch moves only if every file arrived.
 """
 
 from __future__ import annotations
@@ -17,9 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
+import torch
+import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig
+
+from .. import modeling_scrnalf
+from ..configuration_scrnalf import ScrnaLongformerConfig
+from ..processing_scrnalf import ScrnaLongformerProcessor
 
 # Trainer leftovers and pickles never go to the Hub: safetensors only, no optimiser state.
 SKIPPED_DIR_PREFIXES = ("checkpoint-", ".")
@@ -66,7 +77,8 @@ def _relative_imports(source: Path) -> set[str]:
 
 
 def validate_hub_folder(model_dir: str | Path) -> HubFolder:
-    """Check that ``model_dir`` holds everything a user needs to load the model by repo id.
+    """Check that ``model_dir`` holds everything a user needs to load the model by repo id, and
+    that it loads: config, processor, and every weight tensor with the shape the config implies.
 
     Raises:
         HubFolderError: naming the first missing or broken piece and how to produce it.
@@ -100,16 +112,17 @@ def validate_hub_folder(model_dir: str | Path) -> HubFolder:
             f"{root} has no weights (model.safetensors); save the model with model.save_pretrained(folder) "
             "— pickled .bin/.pt weights are never published."
         )
+    weight_map = None
     if "model.safetensors.index.json" in files:
-        shards = set(json.loads(files["model.safetensors.index.json"].read_text())["weight_map"].values())
-        missing = sorted(shard for shard in shards if shard not in files)
+        weight_map = _read_json(files["model.safetensors.index.json"]).get("weight_map") or {}
+        missing = sorted(shard for shard in set(weight_map.values()) if shard not in files)
         if missing:
             raise HubFolderError(f"{root} lacks weight shards {missing} listed in model.safetensors.index.json.")
     processor_path = require(
         "preprocessor_config.json",
         "save the processor with processor.save_pretrained(folder) (it holds the gene panel).",
     )
-    config, processor = json.loads(config_path.read_text()), json.loads(processor_path.read_text())
+    config, processor = _read_json(config_path), _read_json(processor_path)
     for name, saved in (("config.json", config), ("preprocessor_config.json", processor)):
         if not saved.get("auto_map"):
             raise HubFolderError(
@@ -133,9 +146,134 @@ def validate_hub_folder(model_dir: str | Path) -> HubFolder:
     )
     try:
         ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=False)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 2} of README.md" if mark is not None else ""  # + the '---' line, 1-based
+        problem = getattr(error, "problem", None) or error
+        raise HubFolderError(
+            f"{readme} has a malformed YAML metadata block (between the '---' lines): {problem}{where}; fix the "
+            "YAML, or write the card again (scrnalf_hf.hub.write_model_card)."
+        ) from error
     except ValueError as error:
         raise HubFolderError(f"{readme} has invalid card metadata: {error}") from error
+    model_config = _load_config(root)
+    _check_weights(root, weight_map, model_config)
+    _load_processor(processor_path, model_config)
     return HubFolder(root=root, files=files, skipped=skipped)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise HubFolderError(f"{path} is not valid JSON ({error}); save the folder again with save_pretrained.") from error
+    if not isinstance(record, dict):
+        raise HubFolderError(f"{path} holds a JSON {type(record).__name__}, expected an object; save it again.")
+    return record
+
+
+def _load_config(root: Path) -> ScrnaLongformerConfig:
+    """config.json as ``AutoConfig`` reads it, through the installed classes (no code from the folder runs)."""
+    try:
+        config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise HubFolderError(
+            f"{root / 'config.json'} does not load as a scRNA longformer config ({type(error).__name__}: {error}); "
+            "save the model again with model.save_pretrained(folder)."
+        ) from error
+    if not isinstance(config, ScrnaLongformerConfig):
+        raise HubFolderError(
+            f"{root / 'config.json'} does not load as a scRNA longformer config: it loads as "
+            f"{type(config).__name__} (model_type {config.model_type!r}); publish a folder saved from a scRNA "
+            "longformer with model.save_pretrained(folder)."
+        )
+    architectures = config.architectures or []
+    model_class = getattr(modeling_scrnalf, architectures[0], None) if len(architectures) == 1 else None
+    if not (isinstance(model_class, type) and issubclass(model_class, modeling_scrnalf.ScrnaLongformerPreTrainedModel)):
+        raise HubFolderError(
+            f"{root / 'config.json'} names architectures {architectures}; expected one scRNA longformer class "
+            "(save the model with model.save_pretrained(folder))."
+        )
+    return config
+
+
+def _load_processor(path: Path, config: ScrnaLongformerConfig) -> None:
+    try:
+        processor = ScrnaLongformerProcessor.from_pretrained(path.parent)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise HubFolderError(
+            f"{path} does not load ({type(error).__name__}: {error}); save the processor again with "
+            "processor.save_pretrained(folder)."
+        ) from error
+    if processor.n_genes != config.n_genes:
+        raise HubFolderError(
+            f"{path} holds a panel of {processor.n_genes} genes but config.json has n_genes={config.n_genes}; the "
+            "processor and the model must be saved from the same run."
+        )
+
+
+def _config_summary(config: ScrnaLongformerConfig) -> str:
+    fields = ("n_genes", "d_model", "depth", "n_heads", "knn_k", "num_labels")
+    return ", ".join(f"{name}={getattr(config, name)}" for name in fields if hasattr(config, name))
+
+
+def _check_weights(root: Path, weight_map: dict[str, str] | None, config: ScrnaLongformerConfig) -> None:
+    """Reads every tensor and compares names and shapes with the model ``config`` describes.
+
+    Args:
+        weight_map: tensor → shard file, from ``model.safetensors.index.json``; ``None`` for a single
+            ``model.safetensors``.
+
+    The expected model is built on the ``meta`` device, so nothing is allocated, and its
+    ``state_dict`` gives the names and shapes ``from_pretrained`` will require.
+    """
+    weight_files = ["model.safetensors"] if weight_map is None else sorted(set(weight_map.values()))
+    saved: dict[str, tuple[str, tuple[int, ...]]] = {}  # tensor → (file, shape)
+    for name in weight_files:
+        path = root / name
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for tensor in weights.keys():
+                    saved[tensor] = (name, tuple(weights.get_tensor(tensor).shape))
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise HubFolderError(
+                f"{path} cannot be read as safetensors ({error}); at {path.stat().st_size:,} bytes it is probably "
+                "truncated or only partly copied. Save the model again with model.save_pretrained(folder)."
+            ) from error
+    with torch.device("meta"):
+        model = getattr(modeling_scrnalf, config.architectures[0])(config)
+    expected = {tensor: tuple(value.shape) for tensor, value in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # saved once, under their source
+    if weight_map is not None:
+        misplaced = sorted(t for t in set(weight_map) | set(saved) if weight_map.get(t) != saved.get(t, (None,))[0])
+        if misplaced:
+            raise HubFolderError(
+                f"model.safetensors.index.json does not match its shards for {len(misplaced)} tensor(s), e.g. "
+                f"{misplaced[:5]}; save the model again with model.save_pretrained(folder)."
+            )
+    where = root / weight_files[0] if len(weight_files) == 1 else f"the weight shards in {root}"
+    missing = sorted(set(expected) - set(saved) - tied)
+    if missing:
+        raise HubFolderError(
+            f"{where} lacks {len(missing)} tensor(s) of {config.architectures[0]}: {missing[:5]}; it was saved from "
+            "another model or cut short. Save the model again with model.save_pretrained(folder)."
+        )
+    unexpected = sorted(set(saved) - set(expected))
+    if unexpected:
+        raise HubFolderError(
+            f"{where} holds {len(unexpected)} tensor(s) {config.architectures[0]} does not have: {unexpected[:5]}; "
+            "it was saved from another model. Save the model again with model.save_pretrained(folder)."
+        )
+    mismatched = [
+        f"{tensor} has shape {shape} where the config gives {expected[tensor]}"
+        for tensor, (_, shape) in sorted(saved.items())
+        if shape != expected[tensor]
+    ]
+    if mismatched:
+        raise HubFolderError(
+            f"{where} does not fit config.json ({_config_summary(config)}): {'; '.join(mismatched[:3])}. Save the "
+            "model and its config together with model.save_pretrained(folder)."
+        )
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -162,7 +300,8 @@ def push_to_hub(
     endpoint from ``HF_ENDPOINT``.
 
     Raises:
-        HubFolderError: the folder is incomplete or the repo id invalid (before any network call).
+        HubFolderError: the folder is incomplete or does not load (config, processor, weights, card),
+            or the repo id is invalid (all before any network call).
         HubPushError: no token, the token cannot write the repo, or the endpoint is unreachable.
     """
     _check_repo_id(repo_id)

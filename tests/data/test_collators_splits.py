@@ -142,6 +142,10 @@ def test_duplicate_symbols_align_by_ensembl_id(tmp_path):
     assert collator.alignment.matched_by == "gene_ids" and collator.alignment.fraction == 1.0
     batch = collator(rows_of(cells, range(cells.n_cells)))
     np.testing.assert_array_equal(batch["expression"].numpy(), adata.X.toarray())
+    # the repeat is renamed as var_names_make_unique would, so a symbols-only panel still aligns
+    assert dataset_genes(tmp_path / "out").gene_symbols[:2] == ["DUP", "dup-1"]
+    symbols_only = ScrnaLongformerProcessor(gene_symbols=["DUP"] + list(adata.var_names[2:]))
+    assert CellCollator(symbols_only, cells.genes).alignment.matched_by == "gene_symbols"
 
 
 def test_low_gene_overlap_is_refused_with_the_overlap_in_the_message(converted):
