@@ -22,7 +22,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
-from ..modeling_scrnalf import ScrnaLongformerModel, c_kernels_available, default_gene_neighbors
+from ..kernels_scrnalf import c_kernels_available
+from ..modeling_scrnalf import ScrnaLongformerModel, default_gene_neighbors
 
 GRAPHS = ("window", "simulated")
 
