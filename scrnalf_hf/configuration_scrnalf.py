@@ -45,8 +45,11 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             vectors spread evenly over [0, ``value_max``] (normalised log1p units).
         n_value_bins: number of learned value-bin vectors.
         value_max: normalised value mapped to the last bin; larger values are clipped to it.
-        mask_ratio: fraction of measured genes hidden from the input in masked gene modelling.
+        mask_ratio: fraction of measured genes a masked-gene-modelling data collator hides from
+            the input.
         class_weights: optional per-class loss weights for cell classification (length num_labels).
+        label_smoothing: label smoothing of the cell classifier's cross-entropy (set by the
+            Trainer from ``--label_smoothing_factor``).
         species: names of the species the model knows (reserved for cross-species heads; a
             single-species model leaves it ``None``).
         modalities: extra modalities and their feature counts, e.g. ``{"protein": 30}``
@@ -56,6 +59,13 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     """
 
     model_type = "scrna_longformer"
+    # transformers' common names for the fields, so that generic code (and its tests) can read them.
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "depth",
+        "vocab_size": "n_genes",
+    }
 
     n_genes: int = 500
     d_model: int = 64
@@ -73,6 +83,7 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     value_max: float | int = 8.0
     mask_ratio: float | int = 0.15
     class_weights: list[float] | None = None
+    label_smoothing: float | int = 0.0
     species: list[str] | None = None
     modalities: dict[str, int] | None = None
     layer_norm_eps: float = 1e-5
@@ -102,6 +113,8 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             raise ValueError(f"n_value_bins must be >= 2, got {self.n_value_bins}.")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
         if self.class_weights is not None and self.id2label is not None:
             if len(self.class_weights) != len(self.id2label):
                 raise ValueError(

@@ -7,34 +7,30 @@ gene. Three interchangeable attention kernels compute this:
 
 - ``knn``: exact sparse attention, O(G·k) time and memory; no tensor of G×G size is ever built.
   Each gene gathers its k neighbours' keys and values; ``torch.compile`` fuses the kernel into
-  one pass (eager PyTorch is the fallback), so its cost does not depend on how the graph is laid
-  out over the panel. On an AVX-512 CPU small C kernels (below) run it instead, forward and
-  backward.
+  one pass, so its cost does not depend on how the graph is laid out over the panel. On an
+  AVX-512 CPU small C kernels (``kernels_scrnalf.py``) run it instead, forward and backward.
 - ``dense``: masked SDPA over the full token set with the same graph as a boolean mask. It is the
   numerical reference for ``knn`` and is O(G²).
 - ``linear``: kernelised global attention (feature map elu + 1), O(G·d²); ignores the graph.
 
-The file reads in the order data flows: gene graph helpers, embeddings, attention kernels,
-attention, layer, encoder, the pretrained base class, the bare model, then the task heads.
+Every way of computing attention is an entry of one registry (``ATTENTION_FUNCTIONS``); the bare
+model picks the entry once per forward and hands it to every layer.
+
+The file reads in the order data flows: gene graph helpers, embeddings, attention kernels and
+their registry, attention, layer, encoder, outputs, the pretrained base class, the bare model,
+then the task heads.
 
 This file is copied next to saved weights as remote code: it imports only torch, transformers,
-the Python standard library and the configuration file beside it (the C source of the kNN
-kernels is a string in it).
+the Python standard library and the configuration and kernels files beside it.
 """
 
-import ctypes
-import functools
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
+import sys
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -42,17 +38,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_scrnalf import ScrnaLongformerConfig
+from .kernels_scrnalf import C_KNN_ATTENTION, AttentionFunction, CompiledFunction, torch_dropout
 
 logger = logging.get_logger(__name__)
-
-# The Auto classes each head answers to, written into every saved config so that a checkpoint of
-# any head loads with any of them through trust_remote_code.
-AUTO_MAP = {
-    "AutoConfig": "configuration_scrnalf.ScrnaLongformerConfig",
-    "AutoModel": "modeling_scrnalf.ScrnaLongformerModel",
-    "AutoModelForMaskedLM": "modeling_scrnalf.ScrnaLongformerForMaskedGeneModeling",
-    "AutoModelForSequenceClassification": "modeling_scrnalf.ScrnaLongformerForCellClassification",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +91,14 @@ def validate_gene_neighbors(gene_neighbors: torch.Tensor, n_genes: int, k: int) 
 # ---------------------------------------------------------------------------------------------
 
 
+def _dropout(dropout: nn.Dropout, hidden_states: torch.Tensor, attention_function: AttentionFunction) -> torch.Tensor:
+    """``dropout(hidden_states)``; inside a compiled graph, the attention function's own dropout
+    (the C kernels draw the mask on CPU: see ``kernels_scrnalf.c_dropout``)."""
+    if torch.compiler.is_compiling():
+        return attention_function.graph_dropout(hidden_states, dropout.p, dropout.training)
+    return dropout(hidden_states)
+
+
 class ScrnaLongformerEmbeddings(nn.Module):
     """Turns a cell's expression values into ``1 + G`` tokens.
 
@@ -111,17 +107,18 @@ class ScrnaLongformerEmbeddings(nn.Module):
     over ``[0, value_max]``, so it is a smooth, learned, non-linear function of the value that
     stays differentiable. Multiplicative encoding (gene ⊙ (1 + value)) lets the mean over gene
     tokens carry gene-specific expression, which an additive shared value projection averages
-    away. Masked genes get a learned mask vector instead of their value embedding.
+    away. With ``use_mask_token``, masked genes get a learned mask vector instead of their value
+    embedding.
 
     Input ``expression`` (batch, G) float; output (batch, 1 + G, d_model), CLS first.
     """
 
-    def __init__(self, config: ScrnaLongformerConfig):
+    def __init__(self, config: ScrnaLongformerConfig, use_mask_token: bool = False):
         super().__init__()
         self.config = config
         self.gene_embeddings = nn.Embedding(config.n_genes, config.d_model)
         self.value_bins = nn.Embedding(config.n_value_bins, config.d_model)
-        self.mask_embedding = nn.Parameter(torch.zeros(config.d_model))
+        self.mask_embedding = nn.Parameter(torch.zeros(config.d_model)) if use_mask_token else None
         self.cls_embedding = nn.Parameter(torch.zeros(config.d_model))
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -137,10 +134,14 @@ class ScrnaLongformerEmbeddings(nn.Module):
         return weights @ self.value_bins.weight
 
     def forward(
-        self, expression: torch.Tensor, masked_positions: torch.Tensor | None = None, c_dropout: bool = False
+        self,
+        expression: torch.Tensor,
+        masked_positions: torch.Tensor | None,
+        attention_function: AttentionFunction,
     ) -> torch.Tensor:
-        """``c_dropout``: draw the dropout mask with the C kernel (compiled graphs only)."""
-        values = self.encode_values(expression)  # (batch, G, d)
+        """``masked_positions`` (batch, G) bool, only with ``use_mask_token``; ``attention_function``
+        supplies the dropout of compiled graphs."""
+        values = self.encode_values(expression.to(self.value_bins.weight.dtype))  # (batch, G, d)
         if masked_positions is not None:
             values = torch.where(masked_positions.unsqueeze(-1), self.mask_embedding.to(values.dtype), values)
         genes = self.gene_embeddings.weight.unsqueeze(0)  # (1, G, d)
@@ -152,35 +153,34 @@ class ScrnaLongformerEmbeddings(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1)  # (batch, 1 + G, d)
         # No LayerNorm here: it would rescale every token to unit size and so erase how strongly
         # a gene is expressed; the pre-LayerNorm layers normalise what they read.
-        return _dropout(self.dropout, tokens, c_dropout)
+        return _dropout(self.dropout, tokens, attention_function)
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention kernels. Each takes q, k, v of shape (batch, 1 + G, heads, head_dim) — token-major,
-# as the fused QKV projection lays them out, CLS at index 0 — the (G, k) neighbour table, and a
-# (batch, 1 + G) boolean key mask (True = may be attended to; CLS is always True). Each returns
-# (batch, 1 + G, heads, head_dim) and, if asked, the gene rows' attention weights in
-# neighbour-table form: (batch, heads, G, k + 1), column j < k the weight on
-# gene_neighbors[g, j], column k the weight on CLS.
+# Attention kernels. Each takes the fused projection qkv (batch, 1 + G, 3, heads, head_dim) —
+# token-major, CLS at index 0 — the (G, k) neighbour table, a (batch, 1 + G) boolean key mask
+# (True = may be attended to; CLS is always True), the dropout probability and whether to return
+# attention weights. Each returns (batch, 1 + G, heads, head_dim) and, if asked, the gene rows'
+# attention weights in neighbour-table form: (batch, heads, G, k + 1), column j < k the weight on
+# gene_neighbors[g, j], column k the weight on CLS. Returned weights are on the autograd graph:
+# the output is computed from them.
 # ---------------------------------------------------------------------------------------------
 
 
-def _cls_attention(query, key, value, key_mask, dropout):
+def _cls_attention(query, key, value, key_mask, dropout_p):
     """CLS attends to every measured token: O(G). (b, 1 + G, h, dh) -> (b, 1, h, dh)."""
     scale = query.shape[-1] ** -0.5
     scores = torch.einsum("bhd,bthd->bht", query[:, 0] * scale, key)  # (b, h, 1 + G)
     scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
-    probs = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0)
+    probs = F.dropout(scores.softmax(-1), p=dropout_p, training=dropout_p > 0)
     return torch.einsum("bht,bthd->bhd", probs, value).unsqueeze(1)
 
 
 def knn_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    qkv: torch.Tensor,
     gene_neighbors: torch.Tensor,
     key_mask: torch.Tensor,
-    dropout: float = 0.0,
+    dropout_p: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sparse kNN attention, exact, O(G·k) time and memory; never builds a G×G tensor, and costs
@@ -192,7 +192,8 @@ def knn_attention(
     ``kernel_implementation="compiled"``) fuses it into one loop that reads each neighbour row
     once and writes only the output.
     """
-    batch, n_tokens, heads, head_dim = query.shape
+    query, key, value = qkv.unbind(2)  # each (b, 1 + G, h, dh)
+    batch, _, heads, head_dim = query.shape
     n_genes, k = gene_neighbors.shape
     scale = head_dim**-0.5
     flat = (gene_neighbors.clamp(min=0) + 1).reshape(-1)  # (G·k,) token index of each neighbour
@@ -204,74 +205,81 @@ def knn_attention(
     valid = (gene_neighbors >= 0).unsqueeze(0) & key_mask.index_select(1, flat).view(batch, n_genes, k)
     scores = scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
     to_cls = (gene_query * key[:, :1]).sum(-1).unsqueeze(2)  # (b, G, 1, h)
-    probs = torch.cat([scores, to_cls], dim=2).softmax(2)  # (b, G, k + 1, h); CLS keeps rows finite
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    # (b, G, k + 1, h); CLS keeps every row finite, so padding and unmeasured genes get exactly 0.
+    probs = torch.cat([scores, to_cls], dim=2).softmax(2)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    weights = None
+    if output_attentions:
+        weights = probs.permute(0, 3, 1, 2)  # (b, h, G, k + 1)
+        probs = weights.permute(0, 2, 3, 1)  # the same values, now computed from the returned tensor
     gene_output = (probs[:, :, :k].unsqueeze(-1) * neighbor_values).sum(2)  # (b, G, h, dh)
     gene_output = gene_output + probs[:, :, k].unsqueeze(-1) * value[:, :1]
-    output = torch.cat([_cls_attention(query, key, value, key_mask, dropout), gene_output], dim=1)
-    if not output_attentions:
-        return output, None
-    weights = probs.permute(0, 3, 1, 2)  # (b, h, G, k + 1)
-    padding = torch.cat([gene_neighbors < 0, gene_neighbors.new_zeros(n_genes, 1, dtype=torch.bool)], dim=1)
-    return output, weights.masked_fill(padding, 0.0)
+    output = torch.cat([_cls_attention(query, key, value, key_mask, dropout_p), gene_output], dim=1)
+    return output, weights
 
 
 def graph_attention_mask(gene_neighbors: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """The kNN graph as a dense boolean mask, (batch, 1, 1 + G, 1 + G): True = may attend.
     For the ``dense`` reference only — it is O(G²)."""
-    n_genes, k = gene_neighbors.shape
+    n_genes = gene_neighbors.shape[0]
     n_tokens = n_genes + 1
-    # Padding (-1) is sent to a spare last column, dropped below: no data-dependent shapes, so
-    # torch.compile keeps the whole layer in one graph.
-    columns = torch.where(gene_neighbors >= 0, gene_neighbors + 1, n_tokens)  # (G, k)
     gene_rows = torch.zeros(n_genes, n_tokens + 1, dtype=torch.bool, device=gene_neighbors.device)
-    gene_rows = gene_rows.scatter(1, columns, True)[:, :n_tokens]
+    gene_rows = gene_rows.scatter(1, _token_columns(gene_neighbors), True)[:, :n_tokens]
     gene_rows[:, 0] = True  # every gene sees CLS
     cls_row = torch.ones(1, n_tokens, dtype=torch.bool, device=gene_neighbors.device)  # CLS sees every gene
     allowed = torch.cat([cls_row, gene_rows], dim=0)  # (1 + G, 1 + G)
     return allowed.unsqueeze(0).unsqueeze(0) & key_mask[:, None, None, :]
 
 
+def _token_columns(gene_neighbors: torch.Tensor) -> torch.Tensor:
+    """(G, k) token index of each neighbour; padding (-1) goes to a spare column 1 + G, which the
+    callers drop: no data-dependent shapes, so torch.compile keeps the whole layer in one graph."""
+    n_tokens = gene_neighbors.shape[0] + 1
+    return torch.where(gene_neighbors >= 0, gene_neighbors + 1, n_tokens)
+
+
 def dense_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    qkv: torch.Tensor,
     gene_neighbors: torch.Tensor,
     key_mask: torch.Tensor,
-    dropout: float = 0.0,
+    dropout_p: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference: SDPA over all 1 + G tokens with the graph as a dense boolean mask."""
     mask = graph_attention_mask(gene_neighbors, key_mask)  # (b, 1, 1 + G, 1 + G)
-    query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))  # (b, h, 1 + G, dh)
+    query, key, value = (tensor.transpose(1, 2) for tensor in qkv.unbind(2))  # (b, h, 1 + G, dh)
     if not output_attentions:
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
         return output.transpose(1, 2), None
     scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    output = torch.matmul(probs, value).transpose(1, 2)
-    # Express the gene rows in neighbour-table form so that knn and dense report the same thing.
-    gene_probs = probs[:, :, 1:]  # (b, h, G, 1 + G)
-    columns = (gene_neighbors.clamp(min=0) + 1).expand(*gene_probs.shape[:2], -1, -1)
-    neighbor_probs = gene_probs.gather(-1, columns).masked_fill(gene_neighbors < 0, 0.0)
-    return output, torch.cat([neighbor_probs, gene_probs[..., :1]], dim=-1)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)  # (b, h, 1 + G, 1 + G)
+    # The gene rows in neighbour-table form, so that knn and dense report the same thing.
+    n_genes, k = gene_neighbors.shape
+    columns = _token_columns(gene_neighbors).expand(*probs.shape[:2], -1, -1)  # (b, h, G, k)
+    gene_probs = F.pad(probs[:, :, 1:], (0, 1))  # (b, h, G, 2 + G); the spare column is 0
+    weights = torch.cat([gene_probs.gather(-1, columns), gene_probs[..., :1]], dim=-1)  # (b, h, G, k + 1)
+    # Scatter them back: a gene row is 0 outside its neighbours and CLS, so this rebuilds probs
+    # exactly, now computed from the returned weights.
+    gene_rows = torch.zeros_like(gene_probs).scatter(-1, columns, weights[..., :k])
+    gene_rows = torch.cat([weights[..., k:], gene_rows[..., 1 : n_genes + 1]], dim=-1)  # (b, h, G, 1 + G)
+    probs = torch.cat([probs[:, :, :1], gene_rows], dim=2)
+    return torch.matmul(probs, value).transpose(1, 2), weights
 
 
 def linear_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    qkv: torch.Tensor,
     gene_neighbors: torch.Tensor,
     key_mask: torch.Tensor,
-    dropout: float = 0.0,
+    dropout_p: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """Kernelised global attention, φ(x) = elu(x) + 1: O(G·d²), no attention matrix at all.
     The gene graph is not used; masked keys are removed by zeroing their features."""
     if output_attentions:
         raise ValueError("attention weights are not defined for attention_type='linear'; use 'knn' or 'dense'.")
-    query_features = F.elu(query) + 1  # (b, 1 + G, h, dh)
+    query, key, value = qkv.unbind(2)  # each (b, 1 + G, h, dh)
+    query_features = F.elu(query) + 1
     key_features = (F.elu(key) + 1) * key_mask[:, :, None, None].to(key.dtype)
     key_value = torch.einsum("bthd,bthe->bhde", key_features, value)  # (b, h, dh, dh)
     normaliser = torch.einsum("bthd,bhd->bth", query_features, key_features.sum(dim=1))  # (b, 1 + G, h)
@@ -279,477 +287,39 @@ def linear_attention(
     return output / normaliser.clamp(min=1e-6).unsqueeze(-1), None
 
 
-ATTENTION_KERNELS = {"knn": knn_attention, "dense": dense_attention, "linear": linear_attention}
+def _configured(attention_type: str):
+    """``supports`` of a PyTorch kernel: it computes its attention type anywhere."""
+
+    def supports(config, device, dtype, training, output_attentions, knn_k) -> bool:
+        return config.attention_type == attention_type
+
+    return supports
 
 
-# ---------------------------------------------------------------------------------------------
-# kNN attention on CPU: small C kernels (AVX-512), compiled on first use
-#
-# torch.compile's generated loop for the gather-and-softmax is scalar-bound (a horizontal sum per
-# neighbour and head, softmax over 17 × 4 values in masked vectors): 4.2 ms per 4-cell chunk of
-# the default preset at 2,000 genes on one core; its backward scatter-adds into the neighbours'
-# key and value gradients and does not split over threads. These kernels do the same arithmetic
-# (forward 1.9 ms there) in torch's own OpenMP pool: the forward splits rows over the threads,
-# the backward whole cells, so scatters into a cell's gradients never race. They are used with
-# compiled kernels where they are exact to float rounding: no attention dropout, no attention
-# weights requested, float32 on a CPU with AVX-512, k <= 16 (``ScrnaLongformerLayer.uses_c_kernel``).
-# Everywhere else, and wherever a C compiler is missing, ``knn_attention`` runs. The same library
-# draws dropout masks for compiled graphs (``_dropout``).
-# ---------------------------------------------------------------------------------------------
-
-_KNN_KERNEL_SOURCE = r"""
-#include <immintrin.h>
-#include <math.h>
-#include <omp.h>
-#include <stdbool.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* Compiled with -DHEADS=… -DHEAD_DIM=… -DNEIGHBORS=… (NEIGHBORS <= 16). A head's HEAD_DIM values
-   span VECTORS 16-lane vectors; the last one is loaded and stored under a lane mask. */
-#define VECTORS ((HEAD_DIM + 15) / 16)
-#define WIDTH (HEADS * HEAD_DIM)
-#define LANES(v) ((v) < VECTORS - 1 || HEAD_DIM % 16 == 0 ? (__mmask16)0xFFFF : (__mmask16)((1u << (HEAD_DIM % 16)) - 1))
-#define LOAD(pointer, v) _mm512_maskz_loadu_ps(LANES(v), (pointer) + 16 * (v))
-#define STORE(pointer, v, x) _mm512_mask_storeu_ps((pointer) + 16 * (v), LANES(v), (x))
-
-/* exp(x) for x <= 0 (x >= -87 after clamping): 2^n · p(r), degree-7 Taylor on |r| <= ln2/2. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* Lane j of the result = sum of the 16 lanes of v[j]. */
-static inline __m512 transpose_sum16(const __m512 v[16]) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; ++i)
-        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; ++i)
-        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int i = 0; i < 2; ++i)
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-/* a · b[offset ..] over one head. */
-static inline float dot(const __m512 a[VECTORS], const float *b, int offset) {
-    __m512 sum = _mm512_mul_ps(a[0], LOAD(b + offset, 0));
-    for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(a[v], LOAD(b + offset, v), sum);
-    return _mm512_reduce_add_ps(sum);
-}
-
-/* Lane j = a · rows[j][offset ..] over one head, for the NEIGHBORS rows (0 in unused lanes). */
-static inline __m512 neighbor_dots(const __m512 a[VECTORS], const float *const rows[NEIGHBORS], int offset) {
-    __m512 products[16];
-    for (int j = 0; j < 16; ++j) {
-        if (j >= NEIGHBORS) { products[j] = _mm512_setzero_ps(); continue; }
-        __m512 sum = _mm512_mul_ps(a[0], LOAD(rows[j] + offset, 0));
-        for (int v = 1; v < VECTORS; ++v) sum = _mm512_fmadd_ps(a[v], LOAD(rows[j] + offset, v), sum);
-        products[j] = sum;
-    }
-    return transpose_sum16(products);
-}
-
-/* The first min(count, 16) lanes. */
-static inline __mmask16 first_lanes(int64_t count) {
-    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
-}
-
-/* Softmax weights of one gene row and head: lane j of w over neighbour j (0 where invalid), and
-   *cls_weight over CLS. q: the row's query, already scaled; keys[j]: neighbour j's key row. */
-static inline void gene_row_weights(const __m512 q[VECTORS], const float *const keys[NEIGHBORS], __mmask16 valid,
-                                    const float *cls_key, int offset, float w[16], float *cls_weight) {
-    const float cls_score = dot(q, cls_key, offset);
-    const __m512 scores = neighbor_dots(q, keys, offset);
-    float maximum = _mm512_mask_reduce_max_ps(valid, scores);
-    maximum = cls_score > maximum ? cls_score : maximum;
-    __m512 weights = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(maximum))));
-    const float cls_exp = expf(cls_score - maximum);
-    const float inverse = 1.f / (_mm512_reduce_add_ps(weights) + cls_exp);
-    _mm512_storeu_ps(w, _mm512_mul_ps(weights, _mm512_set1_ps(inverse)));
-    *cls_weight = cls_exp * inverse;
-}
-
-/* Softmax weights of the CLS row and one head over every token (0 where unmeasured), into
-   weights[0 .. n_tokens). q: CLS's query, already scaled; base: the cell's qkv. */
-static void cls_row_weights(const __m512 q[VECTORS], const float *base, const bool *mask, int64_t n_tokens,
-                            int offset, float *weights) {
-    float maximum = -INFINITY;
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        const float score = mask[t] ? dot(q, base + t * 3 * WIDTH + WIDTH, offset) : -INFINITY;
-        weights[t] = score;
-        maximum = score > maximum ? score : maximum;
-    }
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n_tokens; t += 16) {
-        const __mmask16 lanes = first_lanes(n_tokens - t);
-        const __m512 x = _mm512_maskz_loadu_ps(lanes, weights + t);
-        const __mmask16 finite = _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-        const __m512 weight = _mm512_maskz_mov_ps(finite, exp_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(maximum))));
-        _mm512_mask_storeu_ps(weights + t, lanes, weight);
-        total = _mm512_add_ps(total, weight);
-    }
-    const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-    for (int64_t t = 0; t < n_tokens; t += 16) {
-        const __mmask16 lanes = first_lanes(n_tokens - t);
-        _mm512_mask_storeu_ps(weights + t, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, weights + t), inverse));
-    }
-}
-
-static inline void scaled_query(const float *query, int offset, float scale, __m512 q[VECTORS]) {
-    for (int v = 0; v < VECTORS; ++v) q[v] = _mm512_mul_ps(LOAD(query + offset, v), _mm512_set1_ps(scale));
-}
-
-/* The row's neighbours' key rows (padding points at token 1, masked out) and which are valid. */
-static inline __mmask16 neighbor_keys(const float *base, const bool *mask, const int64_t *row_neighbors,
-                                      const float *keys[NEIGHBORS]) {
-    __mmask16 valid = 0;
-    for (int j = 0; j < NEIGHBORS; ++j) {
-        const int64_t n = row_neighbors[j];
-        if (n >= 0 && mask[1 + n]) valid |= (__mmask16)(1u << j);
-        keys[j] = base + (1 + (n >= 0 ? n : 0)) * 3 * WIDTH + WIDTH;
-    }
-    return valid;
-}
-
-/* Forward. qkv: (cells, T, 3, HEADS, HEAD_DIM), T = 1 + G tokens, CLS first; neighbors: (G,
-   NEIGHBORS) int64, -1 = padding; key_mask: (cells, T) bool, CLS always true; out: (cells, T,
-   HEADS, HEAD_DIM). Gene rows attend to their neighbours and CLS, CLS to every measured token. */
-void scrnalf_knn_attention(const float *qkv, const int64_t *neighbors, const bool *key_mask,
-                           float *out, int64_t cells, int64_t n_tokens, float scale, int threads) {
-    const int64_t n_genes = n_tokens - 1;
-    const int64_t rows = cells * n_genes;
-#pragma omp parallel num_threads(threads)
-    {
-        const int64_t team = omp_get_num_threads(), member = omp_get_thread_num();
-        const int64_t first = rows * member / team, last = rows * (member + 1) / team;
-        int64_t cell = first / n_genes, gene = first % n_genes;
-        for (int64_t row = first; row < last; ++row, ++gene) {
-            if (gene == n_genes) { gene = 0; ++cell; }
-            const float *base = qkv + cell * n_tokens * 3 * WIDTH;
-            const float *query = base + (1 + gene) * 3 * WIDTH;
-            const float *keys[NEIGHBORS];
-            const __mmask16 valid = neighbor_keys(base, key_mask + cell * n_tokens, neighbors + gene * NEIGHBORS, keys);
-            float *target = out + (cell * n_tokens + 1 + gene) * WIDTH;
-            for (int h = 0; h < HEADS; ++h) {
-                const int offset = h * HEAD_DIM;
-                __m512 q[VECTORS];
-                scaled_query(query, offset, scale, q);
-                float w[16], cls_weight;
-                gene_row_weights(q, keys, valid, base + WIDTH, offset, w, &cls_weight);
-                __m512 acc[VECTORS];
-                for (int v = 0; v < VECTORS; ++v)
-                    acc[v] = _mm512_mul_ps(_mm512_set1_ps(cls_weight), LOAD(base + 2 * WIDTH + offset, v));
-                for (int j = 0; j < NEIGHBORS; ++j) {
-                    if (!((valid >> j) & 1)) continue;
-                    const __m512 weight = _mm512_set1_ps(w[j]);
-                    for (int v = 0; v < VECTORS; ++v)
-                        acc[v] = _mm512_fmadd_ps(weight, LOAD(keys[j] + WIDTH + offset, v), acc[v]);
-                }
-                for (int v = 0; v < VECTORS; ++v) STORE(target + offset, v, acc[v]);
-            }
-        }
-    }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < cells * HEADS; ++item) {
-        const int64_t cell = item / HEADS;
-        const int offset = (int)(item % HEADS) * HEAD_DIM;
-        const float *base = qkv + cell * n_tokens * 3 * WIDTH;
-        float *weights = (float *)malloc(sizeof(float) * (size_t)n_tokens);
-        __m512 q[VECTORS];
-        scaled_query(base, offset, scale, q);
-        cls_row_weights(q, base, key_mask + cell * n_tokens, n_tokens, offset, weights);
-        __m512 acc[VECTORS];
-        for (int v = 0; v < VECTORS; ++v) acc[v] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < n_tokens; ++t) {
-            if (weights[t] == 0.f) continue;
-            const __m512 weight = _mm512_set1_ps(weights[t]);
-            for (int v = 0; v < VECTORS; ++v)
-                acc[v] = _mm512_fmadd_ps(weight, LOAD(base + t * 3 * WIDTH + 2 * WIDTH + offset, v), acc[v]);
-        }
-        for (int v = 0; v < VECTORS; ++v) STORE(out + cell * n_tokens * WIDTH + offset, v, acc[v]);
-        free(weights);
-    }
-}
-
-/* One attended token's share of the backward: with weight p and d(score) = ds, adds
-   ds·scale·key to grad_q, ds·q (q already scaled) to the token's key gradient and p·grad_out
-   to its value gradient. */
-static inline void backward_pair(const __m512 q[VECTORS], const __m512 grad_out[VECTORS], const float *key_row,
-                                 float *grad_key_row, __m512 grad_q[VECTORS], float p, float ds, float scale, int offset) {
-    const __m512 ds_scaled = _mm512_set1_ps(ds * scale), ds_vector = _mm512_set1_ps(ds), weight = _mm512_set1_ps(p);
-    for (int v = 0; v < VECTORS; ++v) {
-        grad_q[v] = _mm512_fmadd_ps(ds_scaled, LOAD(key_row + offset, v), grad_q[v]);
-        STORE(grad_key_row + offset, v, _mm512_fmadd_ps(ds_vector, q[v], LOAD(grad_key_row + offset, v)));
-        STORE(grad_key_row + WIDTH + offset, v, _mm512_fmadd_ps(weight, grad_out[v], LOAD(grad_key_row + WIDTH + offset, v)));
-    }
-}
-
-/* Whether a row of WIDTH floats is all zeros (either sign). */
-static inline int zero_row(const float *row) {
-    uint32_t bits = 0;
-    for (int i = 0; i < WIDTH; ++i) {
-        uint32_t word;
-        memcpy(&word, row + i, sizeof word);
-        bits |= word << 1;
-    }
-    return bits == 0;
-}
-
-/* Backward of scrnalf_knn_attention. out and grad_out: (cells, T, HEADS, HEAD_DIM); grad_qkv:
-   like qkv, receives d loss / d qkv. Each thread takes whole cells, so the
-   scatter of key and value gradients to neighbours never races. */
-void scrnalf_knn_attention_backward(const float *qkv, const int64_t *neighbors, const bool *key_mask,
-                                    const float *out, const float *grad_out, float *grad_qkv, int64_t cells,
-                                    int64_t n_tokens, float scale, int threads) {
-    const int64_t n_genes = n_tokens - 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t cell = 0; cell < cells; ++cell) {
-        const float *base = qkv + cell * n_tokens * 3 * WIDTH;
-        float *grad_base = grad_qkv + cell * n_tokens * 3 * WIDTH;
-        const bool *mask = key_mask + cell * n_tokens;
-        memset(grad_base, 0, sizeof(float) * (size_t)(n_tokens * 3 * WIDTH));
-        for (int64_t gene = 0; gene < n_genes; ++gene) {
-            const float *row_grad = grad_out + (cell * n_tokens + 1 + gene) * WIDTH;
-            /* A row without gradient adds nothing anywhere: masked gene modelling's last layer
-               passes gradient to its masked genes only. */
-            if (zero_row(row_grad)) continue;
-            const float *query = base + (1 + gene) * 3 * WIDTH;
-            const float *keys[NEIGHBORS];
-            const __mmask16 valid = neighbor_keys(base, mask, neighbors + gene * NEIGHBORS, keys);
-            const float *row_out = out + (cell * n_tokens + 1 + gene) * WIDTH;
-            for (int h = 0; h < HEADS; ++h) {
-                const int offset = h * HEAD_DIM;
-                __m512 q[VECTORS], g[VECTORS], grad_q[VECTORS];
-                scaled_query(query, offset, scale, q);
-                float w[16], cls_weight;
-                gene_row_weights(q, keys, valid, base + WIDTH, offset, w, &cls_weight);
-                for (int v = 0; v < VECTORS; ++v) { g[v] = LOAD(row_grad + offset, v); grad_q[v] = _mm512_setzero_ps(); }
-                const float delta = dot(g, row_out, offset);
-                const __m512 value_dots = neighbor_dots(g, keys, WIDTH + offset); /* keys[j] + WIDTH: value rows */
-                float ds[16]; /* d loss / d score: w_j · (grad_out · value_j - grad_out · out) */
-                _mm512_storeu_ps(ds, _mm512_mul_ps(_mm512_loadu_ps(w), _mm512_sub_ps(value_dots, _mm512_set1_ps(delta))));
-                for (int j = 0; j < NEIGHBORS; ++j) {
-                    if (!((valid >> j) & 1)) continue;
-                    backward_pair(q, g, keys[j], grad_base + (keys[j] - base), grad_q, w[j], ds[j], scale, offset);
-                }
-                const float cls_ds = cls_weight * (dot(g, base + 2 * WIDTH, offset) - delta);
-                backward_pair(q, g, base + WIDTH, grad_base + WIDTH, grad_q, cls_weight, cls_ds, scale, offset);
-                for (int v = 0; v < VECTORS; ++v) STORE(grad_base + (1 + gene) * 3 * WIDTH + offset, v, grad_q[v]);
-            }
-        }
-        float *weights = (float *)malloc(sizeof(float) * (size_t)n_tokens);
-        for (int h = 0; h < HEADS; ++h) {
-            const int offset = h * HEAD_DIM;
-            __m512 q[VECTORS], g[VECTORS], grad_q[VECTORS];
-            scaled_query(base, offset, scale, q);
-            cls_row_weights(q, base, mask, n_tokens, offset, weights);
-            for (int v = 0; v < VECTORS; ++v) {
-                g[v] = LOAD(grad_out + cell * n_tokens * WIDTH + offset, v);
-                grad_q[v] = _mm512_setzero_ps();
-            }
-            const float delta = dot(g, out + cell * n_tokens * WIDTH, offset);
-            for (int64_t t = 0; t < n_tokens; ++t) {
-                if (weights[t] == 0.f) continue;
-                const float *key_row = base + t * 3 * WIDTH + WIDTH;
-                const float ds = weights[t] * (dot(g, key_row + WIDTH, offset) - delta);
-                backward_pair(q, g, key_row, grad_base + t * 3 * WIDTH + WIDTH, grad_q, weights[t], ds, scale, offset);
-            }
-            /* Token 0's query row gets gradient from the CLS row only. */
-            for (int v = 0; v < VECTORS; ++v) STORE(grad_base + offset, v, grad_q[v]);
-        }
-        free(weights);
-    }
-}
-
-/* Dropout keep-mask: keep[i] = 1 with probability 1 - threshold / 2^32, from the splitmix64 hash
-   of (seed, i). The mask depends only on the seed, not on how the elements are split over threads. */
-void scrnalf_dropout_keep(bool *keep, int64_t n, uint64_t seed, uint64_t threshold, int threads) {
-#pragma omp parallel for simd num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-        uint64_t z = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        keep[i] = (z >> 32) >= threshold;
-    }
-}
-"""
-
-_knn_kernels: dict[tuple[int, int, int], object] = {}
+# Every way to compute the layers' attention, the most specialised first: the first entry whose
+# ``supports`` accepts a call computes it. A new kernel, say a Triton kNN kernel for GPUs, is
+# one more entry, listed before the general one it stands in for.
+ATTENTION_FUNCTIONS: tuple[AttentionFunction, ...] = (
+    C_KNN_ATTENTION,
+    AttentionFunction("knn", knn_attention, _configured("knn"), torch_dropout),
+    AttentionFunction("dense", dense_attention, _configured("dense"), torch_dropout),
+    AttentionFunction("linear", linear_attention, _configured("linear"), torch_dropout),
+)
 
 
-def _compile_knn_kernel(heads: int, head_dim: int, k: int):
-    """The C kernels (attention forward, backward, dropout mask) for one (heads, head_dim, k),
-    compiled once per machine into the temporary
-    directory (keyed by a hash of source and flags; written atomically, so concurrent processes
-    are safe) and loaded with ctypes. Returns None, after one warning, where it cannot be built."""
-    flags = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
-             f"-DHEADS={heads}", f"-DHEAD_DIM={head_dim}", f"-DNEIGHBORS={k}"]
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    digest = hashlib.sha256((_KNN_KERNEL_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    directory = os.path.join(tempfile.gettempdir(), "scrnalf-kernels")
-    library = os.path.join(directory, f"knn_attention_{digest}.so")
-    try:
-        if not os.path.exists(library):
-            if compiler is None:
-                raise RuntimeError("no C compiler found (set CC)")
-            os.makedirs(directory, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as build:
-                source = os.path.join(build, "knn_attention.c")
-                with open(source, "w") as handle:
-                    handle.write(_KNN_KERNEL_SOURCE)
-                built = os.path.join(build, "knn_attention.so")
-                subprocess.run([compiler, *flags, source, "-o", built], check=True, capture_output=True, text=True)
-                os.replace(built, library)
-        shared_library = ctypes.CDLL(library)
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", None) or str(error)
-        logger.warning(
-            "the C kNN attention kernel could not be built (%s); inference uses the compiled "
-            "PyTorch kernel instead.", detail.strip().splitlines()[-1][:200] if detail.strip() else type(error).__name__,
-        )
-        return None
-    forward, backward = shared_library.scrnalf_knn_attention, shared_library.scrnalf_knn_attention_backward
-    dropout_keep = shared_library.scrnalf_dropout_keep
-    forward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    backward.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
-    dropout_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
-    forward.restype = backward.restype = dropout_keep.restype = None
-    return forward, backward, dropout_keep
-
-
-def knn_kernel_available(heads: int, head_dim: int, k: int) -> bool:
-    """Whether the C inference kernel serves this shape on this machine (compiling it if needed)."""
-    if k > 16 or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
-        return False
-    key = (heads, head_dim, k)
-    if key not in _knn_kernels:
-        _knn_kernels[key] = _compile_knn_kernel(heads, head_dim, k)
-    return _knn_kernels[key] is not None
-
-
-def _kernels_for(qkv: torch.Tensor, gene_neighbors: torch.Tensor):
-    heads, head_dim, k = qkv.shape[3], qkv.shape[4], gene_neighbors.shape[1]
-    if not knn_kernel_available(heads, head_dim, k):
-        raise RuntimeError(f"no C kNN attention kernel for heads={heads}, head_dim={head_dim}, k={k} on this machine.")
-    return _knn_kernels[(heads, head_dim, k)]
-
-
-def _kernel_layout(qkv: torch.Tensor, gene_neighbors: torch.Tensor, key_mask: torch.Tensor):
-    """The dense layouts and dtypes the C kernels read: float32, int64 and bool, contiguous."""
-    return qkv.contiguous(), gene_neighbors.long().contiguous(), key_mask.bool().contiguous()
-
-
-def _knn_attention_c_impl(qkv: torch.Tensor, gene_neighbors: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """qkv (b, 1 + G, 3, h, dh) float32, gene_neighbors (G, k), key_mask (b, 1 + G) bool ->
-    attention output (b, 1 + G, h, dh), as ``knn_attention`` computes it."""
-    forward, _, _ = _kernels_for(qkv, gene_neighbors)
-    batch, n_tokens, _, heads, head_dim = qkv.shape
-    qkv, gene_neighbors, key_mask = _kernel_layout(qkv, gene_neighbors, key_mask)
-    output = qkv.new_empty(batch, n_tokens, heads, head_dim)
-    forward(qkv.data_ptr(), gene_neighbors.data_ptr(), key_mask.data_ptr(), output.data_ptr(),
-            batch, n_tokens, head_dim**-0.5, torch.get_num_threads())
-    return output
-
-
-def _knn_attention_c_backward_impl(
-    grad_output: torch.Tensor, qkv: torch.Tensor, gene_neighbors: torch.Tensor, key_mask: torch.Tensor, output: torch.Tensor
-) -> torch.Tensor:
-    """d loss / d qkv (b, 1 + G, 3, h, dh) from d loss / d output (b, 1 + G, h, dh)."""
-    _, backward, _ = _kernels_for(qkv, gene_neighbors)
-    batch, n_tokens, _, heads, head_dim = qkv.shape
-    qkv, gene_neighbors, key_mask = _kernel_layout(qkv, gene_neighbors, key_mask)
-    output, grad_output = output.contiguous(), grad_output.contiguous()
-    grad_qkv = torch.empty_like(qkv)
-    backward(qkv.data_ptr(), gene_neighbors.data_ptr(), key_mask.data_ptr(), output.data_ptr(), grad_output.data_ptr(),
-             grad_qkv.data_ptr(), batch, n_tokens, head_dim**-0.5, torch.get_num_threads())
-    return grad_qkv
-
-
-# Any compiled library serves the dropout mask; this one is compiled for it.
-_DROPOUT_LIBRARY = (1, 16, 16)
-
-
-def c_kernels_available() -> bool:
-    """Whether this machine runs the C kernels (AVX-512 and a working C compiler); compiled
-    graphs then also draw their dropout masks with them."""
-    return knn_kernel_available(*_DROPOUT_LIBRARY)
-
-
-def _dropout_keep_impl(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """A bool keep-mask of ``like``'s shape, True with probability 1 - p, fixed by ``seed``."""
-    if not c_kernels_available():
-        raise RuntimeError("the C dropout kernel is not available on this machine.")
-    keep = torch.empty(like.shape, dtype=torch.bool, device=like.device)
-    _knn_kernels[_DROPOUT_LIBRARY][2](keep.data_ptr(), keep.numel(), int(seed) % 2**64, round(p * 2**32), torch.get_num_threads())
-    return keep
-
-
-def _dropout(dropout: nn.Dropout, hidden_states: torch.Tensor, c_kernel: bool) -> torch.Tensor:
-    """``dropout(hidden_states)``; with ``c_kernel`` (in compiled graphs) the mask comes from the C
-    kernel, seeded from torch's generator, and the multiply fuses into the next elementwise
-    kernel. The Bernoulli draws ``nn.Dropout`` compiles to run on one thread, and were a sixth of
-    a default-preset training step (measured); the C mask costs a few percent of that."""
-    if not (c_kernel and dropout.training and dropout.p > 0):
-        return dropout(hidden_states)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=hidden_states.device)
-    keep = torch.ops.scrnalf.dropout_keep(hidden_states, dropout.p, seed)
-    return hidden_states * keep * (1.0 / (1.0 - dropout.p))
-
-
-def _setup_knn_attention_c(ctx, inputs, output):
-    qkv, gene_neighbors, key_mask = inputs
-    ctx.save_for_backward(qkv, gene_neighbors, key_mask, output)
-
-
-def _knn_attention_c_autograd(ctx, grad_output):
-    qkv, gene_neighbors, key_mask, output = ctx.saved_tensors
-    return torch.ops.scrnalf.knn_attention_c_backward(grad_output, qkv, gene_neighbors, key_mask, output), None, None
-
-
-# Custom ops, so that torch.compile keeps the whole layer (and its backward) in one graph around
-# the calls. The model file may be imported twice in one process (package and remote-code copy):
-# the ops are defined once.
-if not hasattr(torch.ops.scrnalf, "knn_attention_c"):
-    _forward_op = torch.library.custom_op("scrnalf::knn_attention_c", mutates_args=())(_knn_attention_c_impl)
-    _backward_op = torch.library.custom_op("scrnalf::knn_attention_c_backward", mutates_args=())(
-        _knn_attention_c_backward_impl
-    )
-
-    @_forward_op.register_fake
-    def _(qkv, gene_neighbors, key_mask):
-        batch, n_tokens, _, heads, head_dim = qkv.shape
-        return qkv.new_empty(batch, n_tokens, heads, head_dim)
-
-    @_backward_op.register_fake
-    def _(grad_output, qkv, gene_neighbors, key_mask, output):
-        return torch.empty_like(qkv)
-
-    _forward_op.register_autograd(_knn_attention_c_autograd, setup_context=_setup_knn_attention_c)
-    _dropout_op = torch.library.custom_op("scrnalf::dropout_keep", mutates_args=())(_dropout_keep_impl)
-
-    @_dropout_op.register_fake
-    def _(like, p, seed):
-        return torch.empty_like(like, dtype=torch.bool)
-
-
+def resolve_attention_function(
+    config: ScrnaLongformerConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    training: bool,
+    output_attentions: bool,
+    knn_k: int,
+) -> AttentionFunction:
+    """The registry entry that computes the attention for a forward with these settings."""
+    for attention_function in ATTENTION_FUNCTIONS:
+        if attention_function.supports(config, device, dtype, training, output_attentions, knn_k):
+            return attention_function
+    raise ValueError(f"no attention function computes attention_type={config.attention_type!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,8 +338,8 @@ def _project(linear: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 class ScrnaLongformerAttention(nn.Module):
-    """Multi-head attention with a fused QKV projection; the kernel is chosen by
-    ``config.attention_type``. (batch, 1 + G, d) -> (batch, 1 + G, d)."""
+    """Multi-head attention with a fused QKV projection, computed by the attention function the
+    model resolved for this forward. (batch, 1 + G, d) -> (batch, 1 + G, d)."""
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__()
@@ -782,28 +352,22 @@ class ScrnaLongformerAttention(nn.Module):
         hidden_states: torch.Tensor,
         gene_neighbors: torch.Tensor,
         key_mask: torch.Tensor,
+        attention_function: AttentionFunction,
         output_attentions: bool = False,
-        c_kernel: bool = False,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``c_kernel``: run the C kNN kernel (the caller has checked that it applies:
-        see ``ScrnaLongformerLayer.uses_c_kernel``). ``rows``: (n,) indices into the batch's
-        ``batch·(1 + G)`` tokens, row-major; only those tokens' outputs are projected and returned,
-        as (n, d)."""
+        """``rows``: (n,) indices into the batch's ``batch·(1 + G)`` tokens, row-major; only those
+        tokens' outputs are projected and returned, as (n, d)."""
         batch, n_tokens, d_model = hidden_states.shape
         heads = self.config.n_heads
         qkv = _project(self.qkv, hidden_states).view(batch, n_tokens, 3, heads, d_model // heads)
-        query, key, value = qkv.unbind(2)  # each (b, 1 + G, h, dh), views of one tensor
-        if c_kernel:
-            context, weights = torch.ops.scrnalf.knn_attention_c(qkv, gene_neighbors, key_mask), None
-        else:
-            kernel = ATTENTION_KERNELS[self.config.attention_type]
-            dropout = self.config.attention_dropout if self.training else 0.0
-            context, weights = kernel(query, key, value, gene_neighbors, key_mask, dropout, output_attentions)
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        context, weights = attention_function(qkv, gene_neighbors, key_mask, dropout_p, output_attentions)
         context = context.reshape(batch, n_tokens, d_model)
         if rows is not None:
             context = context.reshape(batch * n_tokens, d_model).index_select(0, rows)
         return _project(self.output, context), weights
+
 
 class ScrnaLongformerFeedForward(nn.Module):
     """Position-wise MLP, d -> d·mlp_ratio -> d."""
@@ -817,125 +381,33 @@ class ScrnaLongformerFeedForward(nn.Module):
         return _project(self.down, F.gelu(_project(self.up, hidden_states)))
 
 
-class CompiledFunction:
-    """``torch.compile`` of a function, built on first use, with a clean fallback.
-
-    Graphs are specialised to every shape except the batch dimension of ``batch_arguments``
-    (marked dynamic when above 1), and never made dynamic automatically: the code that runs for
-    an input depends only on that input's shapes, not on what ran before in the process, so two
-    processes give bit-identical outputs.
-
-    Compilation needs a working backend (a C++ compiler on CPU, Triton on GPU). Where it fails,
-    one warning is logged and the eager function is used from then on: the same numbers to
-    float rounding, more slowly. An exception the eager function raises too is the caller's
-    error and propagates.
-    """
-
-    # Each model size, flag combination and batch-of-one is one graph; a process that uses
-    # many models must not silently fall back to eager after torch's default of 8.
-    recompile_limit = 64
-
-    def __init__(self, function, batch_arguments: tuple[int, ...] = ()):
-        self.function = function
-        self.batch_arguments = batch_arguments
-        self.compiled = None
-        self.unavailable = False
-
-    def __call__(self, *args, kernel_threads: int = 1):
-        """``kernel_threads``: OpenMP threads of the generated CPU kernels, fixed when a graph is
-        first compiled. One by default: torch.compile's own kNN gather loops and their backward's
-        scatter-adds ran 2.4× and 1.35× slower split over 2 threads (measured), while the matrix
-        products use every intra-op thread regardless. Graphs without them (elementwise ops,
-        reductions, the C kernels) gain from more: the default preset's inference ran 1.3×
-        faster with 2 on 2 cores.
-
-        Random numbers in compiled graphs come from torch's own generator (inductor's
-        ``fallback_random``): its per-element generator made dropout a third of a training step."""
-        if self.unavailable or torch.compiler.is_compiling():
-            return self.function(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.function, dynamic=False)
-        for index in self.batch_arguments:
-            if args[index] is not None and args[index].shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(args[index], 0)
-        from torch._inductor import config as inductor_config
-
-        try:
-            with (
-                torch._dynamo.config.patch(recompile_limit=self.recompile_limit),
-                inductor_config.patch({"cpp.threads": kernel_threads, "fallback_random": True}),
-            ):
-                return self.compiled(*args)
-        except Exception as error:  # noqa: BLE001 - any backend failure falls back to eager
-            result = self.function(*args)
-            self.unavailable = True
-            logger.warning(
-                "torch.compile of %s failed (%s: %s); running eager PyTorch instead.",
-                self.function.__name__, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
-            )
-            return result
-
-
 def _layer_forward(
     layer: "ScrnaLongformerLayer",
     hidden_states: torch.Tensor,
     gene_neighbors: torch.Tensor,
     key_mask: torch.Tensor,
+    attention_function: AttentionFunction,
     output_attentions: bool,
-    c_kernel: bool = False,
-    rows: torch.Tensor | None = None,
+    rows: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     attended, weights = layer.attention(
-        layer.attention_norm(hidden_states), gene_neighbors, key_mask, output_attentions, c_kernel, rows
+        layer.attention_norm(hidden_states), gene_neighbors, key_mask, attention_function, output_attentions, rows
     )
     if rows is not None:
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, rows)
-    hidden_states = hidden_states + _dropout(layer.dropout, attended, c_kernel)
-    hidden_states = hidden_states + _dropout(
-        layer.dropout, layer.feed_forward(layer.feed_forward_norm(hidden_states)), c_kernel
-    )
+    hidden_states = hidden_states + _dropout(layer.dropout, attended, attention_function)
+    feed_forward = layer.feed_forward(layer.feed_forward_norm(hidden_states))
+    hidden_states = hidden_states + _dropout(layer.dropout, feed_forward, attention_function)
     return hidden_states, weights
-
-
-def _embed(
-    embeddings: "ScrnaLongformerEmbeddings",
-    expression: torch.Tensor,
-    masked_positions: torch.Tensor | None,
-    c_dropout: bool = False,
-) -> torch.Tensor:
-    return embeddings(expression, masked_positions, c_dropout)
-
-
-def _pool_and_normalize(
-    final_norm: nn.LayerNorm, pooler_norm: nn.LayerNorm, pooling: str, hidden: torch.Tensor, gene_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, 1 + G, d) residual stream and (b, G) gene mask -> normalised token states
-    (b, 1 + G, d) and cell embedding (b, d)."""
-    # Pool the residual stream first and normalise the pooled vector: normalising each gene
-    # token before the mean would again erase how strongly each gene is expressed.
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        weights = gene_mask.unsqueeze(-1).to(hidden.dtype)  # (b, G, 1)
-        pooled = (hidden[:, 1:] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-    return final_norm(hidden), pooler_norm(pooled)
-
-
-# One compiled function for every layer of every model in the process: torch.compile keeps its
-# graphs per function, and the layers' weights are inputs to it, not constants. The embeddings
-# and the pooling are compiled too: eager, their chains of elementwise ops over (b, 1 + G, d)
-# took 13% of the default preset's forward (measured).
-_COMPILED_LAYER_FORWARD = CompiledFunction(_layer_forward, batch_arguments=(1, 3, 6))
-_COMPILED_EMBED = CompiledFunction(_embed, batch_arguments=(1, 2))
-_COMPILED_POOL_AND_NORMALIZE = CompiledFunction(_pool_and_normalize, batch_arguments=(3, 4))
 
 
 class ScrnaLongformerLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer layer: attention then feed-forward, each with a residual.
     With ``config.kernel_implementation="compiled"`` the whole layer runs as one compiled graph
-    (the kNN gather, LayerNorms, GELU and residual adds fused around the matrix products)."""
+    (the kNN gather, LayerNorms, GELU and residual adds fused around the matrix products);
+    ``compiled_forward`` is that graph's wrapper, shared by the layers of one model."""
 
-    def __init__(self, config: ScrnaLongformerConfig):
+    def __init__(self, config: ScrnaLongformerConfig, compiled_forward: CompiledFunction):
         super().__init__()
         self.config = config
         self.attention_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -943,6 +415,7 @@ class ScrnaLongformerLayer(GradientCheckpointingLayer):
         self.feed_forward_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.feed_forward = ScrnaLongformerFeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.compiled_forward = compiled_forward
 
     def __call__(self, *args, **kwargs):
         # Non-reentrant gradient checkpointing stops its recomputation early by default, which a
@@ -955,32 +428,22 @@ class ScrnaLongformerLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         gene_neighbors: torch.Tensor,
         key_mask: torch.Tensor,
+        attention_function: AttentionFunction,
         output_attentions: bool = False,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(b, 1 + G, d) -> (b, 1 + G, d) and the attention weights if asked. With ``rows`` (n,),
         indices into the ``b·(1 + G)`` tokens, everything after the attention runs at those
         tokens only: -> (n, d)."""
-        if self.config.kernel_implementation == "eager":
-            return _layer_forward(self, hidden_states, gene_neighbors, key_mask, bool(output_attentions), False, rows)
-        c_kernel = self.uses_c_kernel(hidden_states, gene_neighbors, bool(output_attentions))
-        return _COMPILED_LAYER_FORWARD(
-            self, hidden_states, gene_neighbors, key_mask, bool(output_attentions), c_kernel, rows,
-            kernel_threads=torch.get_num_threads() if c_kernel else 1,
-        )
-
-    def uses_c_kernel(self, hidden_states: torch.Tensor, gene_neighbors: torch.Tensor, output_attentions: bool) -> bool:
-        """Whether this call runs the C kNN kernels: compiled kernels, ``knn`` attention, no
-        attention dropout, no attention weights, float32 on CPU, a supported shape."""
-        config = self.config
-        return (
-            config.attention_type == "knn"
-            and not output_attentions
-            and not (self.training and config.attention_dropout > 0)
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32
-            and knn_kernel_available(config.n_heads, config.d_model // config.n_heads, gene_neighbors.shape[1])
-        )
+        arguments = (self, hidden_states, gene_neighbors, key_mask, attention_function, bool(output_attentions), rows)
+        # Returned attention weights are on the autograd graph, which the outputs of a compiled
+        # graph cannot be (each is a leaf of its backward): with weights asked for, run eagerly.
+        if self.config.kernel_implementation == "eager" or output_attentions:
+            return _layer_forward(*arguments)
+        # torch.compile's own gather loops run slower split over threads; around the C kernels
+        # the generated code is elementwise and gains from every thread.
+        threads = torch.get_num_threads() if attention_function is C_KNN_ATTENTION else 1
+        return self.compiled_forward(*arguments, kernel_threads=threads)
 
 
 class ScrnaLongformerEncoder(nn.Module):
@@ -988,13 +451,15 @@ class ScrnaLongformerEncoder(nn.Module):
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__()
-        self.layers = nn.ModuleList([ScrnaLongformerLayer(config) for _ in range(config.depth)])
+        compiled_forward = CompiledFunction(_layer_forward, batch_arguments=(1, 3, 6))
+        self.layers = nn.ModuleList([ScrnaLongformerLayer(config, compiled_forward) for _ in range(config.depth)])
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         gene_neighbors: torch.Tensor,
         key_mask: torch.Tensor,
+        attention_function: AttentionFunction,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         last_layer_rows: torch.Tensor | None = None,
@@ -1005,7 +470,9 @@ class ScrnaLongformerEncoder(nn.Module):
         all_attentions = () if output_attentions else None
         for index, layer in enumerate(self.layers):
             rows = last_layer_rows if index == len(self.layers) - 1 else None
-            hidden_states, weights = layer(hidden_states, gene_neighbors, key_mask, output_attentions, rows=rows)
+            hidden_states, weights = layer(
+                hidden_states, gene_neighbors, key_mask, attention_function, output_attentions, rows=rows
+            )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             if output_attentions:
@@ -1023,7 +490,8 @@ class ScrnaLongformerModelOutput(ModelOutput):
     """
     Args:
         last_hidden_state: (batch, 1 + G, d_model), CLS first, after the final LayerNorm.
-        cell_embedding: (batch, d_model), pooled per ``config.pooling``.
+        cell_embedding: (batch, d_model), the residual stream pooled per ``config.pooling``, then
+            normalised by the same final LayerNorm.
         hidden_states: per layer (batch, 1 + G, d_model), the embeddings first.
         attentions: per layer (batch, heads, G, k + 1) in neighbour-table form: column j < k is
             the weight on ``gene_neighbors[g, j]``, column k the weight on CLS.
@@ -1039,16 +507,15 @@ class ScrnaLongformerModelOutput(ModelOutput):
 class MaskedGeneModelingOutput(ModelOutput):
     """
     Args:
-        loss: mean squared error over the masked genes only.
-        logits: (batch, G) predicted normalised expression of every gene (in training mode, of
-            the masked genes only, NaN elsewhere: see ``ScrnaLongformerForMaskedGeneModeling``).
-        masked_positions: (batch, G) bool, the genes that were hidden from the input.
-        cell_embedding: (batch, d_model); None in training mode.
+        loss: mean squared error over the masked genes; only when ``labels`` are given.
+        logits: (batch, G) predicted normalised expression of every gene (when training on
+            ``labels``, of the masked genes only, NaN elsewhere: see
+            ``ScrnaLongformerForMaskedGeneModeling``).
+        cell_embedding: (batch, d_model); None when only the masked genes were predicted.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    masked_positions: torch.BoolTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -1058,7 +525,7 @@ class MaskedGeneModelingOutput(ModelOutput):
 class CellClassifierOutput(ModelOutput):
     """
     Args:
-        loss: cross-entropy (with ``config.class_weights`` if set).
+        loss: per ``config.problem_type``; only when ``labels`` are given.
         logits: (batch, num_labels).
         cell_embedding: (batch, d_model).
     """
@@ -1084,6 +551,9 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ScrnaLongformerLayer"]
     # The losses are means over the batch; Trainer must not rescale them by num_items_in_batch.
     accepts_loss_kwargs = False
+    # A checkpoint of one head loads into any other (or the bare model) without the other
+    # heads' weights being reported as unexpected.
+    _keys_to_ignore_on_load_unexpected = [r"classifier\.", r"prediction_(transform|norm|head)\.", r"mask_embedding"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -1105,14 +575,33 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
             else:
                 init.normal_(module.value_bins.weight, mean=0.0, std=1.0)
             init.normal_(module.cls_embedding, mean=0.0, std=1.0)
-            init.normal_(module.mask_embedding, mean=0.0, std=1.0)
+            if module.mask_embedding is not None:
+                init.normal_(module.mask_embedding, mean=0.0, std=1.0)
         elif isinstance(module, ScrnaLongformerModel):
             init.copy_(module.gene_neighbors, default_gene_neighbors(self.config.n_genes, self.config.knn_k))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if getattr(self, "_auto_class", None) is not None:
-            self.config.auto_map = dict(AUTO_MAP)
+        if self._auto_class is not None:
+            self.config.auto_map = self._auto_map()
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _auto_map(self) -> dict[str, str]:
+        """The config's ``auto_map`` with every model class of this module that was registered for
+        an Auto class (the package registers each head), so that a checkpoint of any head loads
+        with any of those Auto classes through trust_remote_code. This model's own class keeps
+        its own Auto class."""
+        module = sys.modules[type(self).__module__]
+        file_name = module.__name__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for model_class in vars(module).values():
+            if (
+                isinstance(model_class, type)
+                and issubclass(model_class, ScrnaLongformerPreTrainedModel)
+                and model_class.__dict__.get("_auto_class") is not None
+            ):
+                auto_map[model_class._auto_class] = f"{file_name}.{model_class.__name__}"
+        auto_map[self._auto_class] = f"{file_name}.{type(self).__name__}"
+        return auto_map
 
 
 def _check_expression(expression: torch.Tensor, n_genes: int) -> None:
@@ -1124,24 +613,84 @@ def _check_expression(expression: torch.Tensor, n_genes: int) -> None:
             f"expression must have shape (batch, n_genes={n_genes}), got {tuple(expression.shape)}; "
             "align the cells to the model's gene panel with its processor."
         )
+    if torch.compiler.is_compiling():
+        return  # the checks below read the values, which a traced graph does not have
     if not bool(torch.isfinite(expression).all()):
         raise ValueError("expression contains NaN or infinite values.")
     if bool((expression < 0).any()):
         raise ValueError("expression contains negative values; the model expects log1p-normalised expression >= 0.")
 
 
+def _check_same_shape(name: str, tensor: torch.Tensor, expression: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(expression.shape):
+        raise ValueError(
+            f"{name} must have the shape of expression {tuple(expression.shape)}, got {tuple(tensor.shape)}."
+        )
+
+
+def _embed(
+    embeddings: ScrnaLongformerEmbeddings,
+    expression: torch.Tensor,
+    masked_positions: torch.Tensor | None,
+    attention_function: AttentionFunction,
+) -> torch.Tensor:
+    return embeddings(expression, masked_positions, attention_function)
+
+
+def _pool_and_normalize(
+    final_norm: nn.LayerNorm, pooling: str, hidden: torch.Tensor, gene_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, 1 + G, d) residual stream and (b, G) gene mask -> normalised token states
+    (b, 1 + G, d) and cell embedding (b, d)."""
+    # Pool the residual stream first and normalise the pooled vector: normalising each gene
+    # token before the mean would again erase how strongly each gene is expressed.
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        weights = gene_mask.unsqueeze(-1).to(hidden.dtype)  # (b, G, 1)
+        pooled = (hidden[:, 1:] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return final_norm(hidden), final_norm(pooled)
+
+
+# Floats in the widest activation of one inference chunk (8 MB in fp32; the best of 2–32 MB
+# measured on 2 cores for the tiny and default presets).
+_INFERENCE_CHUNK_FLOATS = 2**21
+
+
+def _cat_per_layer(per_chunk: list[tuple | None]) -> tuple | None:
+    """Concatenate per-layer tuples of chunk outputs along the batch."""
+    if per_chunk[0] is None:
+        return None
+    return tuple(torch.cat(layer_outputs) for layer_outputs in zip(*per_chunk))
+
+
 class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
     """The bare encoder: expression (batch, G) -> token states (batch, 1 + G, d) and a cell
-    embedding (batch, d). Holds the gene graph as the buffer ``gene_neighbors`` (G, k)."""
+    embedding (batch, d). Holds the gene graph as the buffer ``gene_neighbors`` (G, k).
 
-    def __init__(self, config: ScrnaLongformerConfig):
+    Args:
+        config: the model's configuration.
+        use_mask_token: learn a mask vector that stands in for hidden values (``masked_positions``),
+            for masked gene modelling.
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig, use_mask_token: bool = False):
         super().__init__(config)
-        self.embeddings = ScrnaLongformerEmbeddings(config)
+        self.embeddings = ScrnaLongformerEmbeddings(config, use_mask_token)
         self.encoder = ScrnaLongformerEncoder(config)
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.pooler_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.register_buffer("gene_neighbors", default_gene_neighbors(config.n_genes, config.knn_k), persistent=True)
+        # The embeddings and the pooling are compiled too: eager, their chains of elementwise ops
+        # over (b, 1 + G, d) took 13% of the default preset's forward (measured).
+        self.compiled_embeddings = CompiledFunction(_embed, batch_arguments=(1, 2))
+        self.compiled_pool_and_normalize = CompiledFunction(_pool_and_normalize, batch_arguments=(2, 3))
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.gene_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.gene_embeddings = value
 
     def set_gene_graph(self, gene_neighbors) -> None:
         """Replace the gene graph with a ``(G, k)`` neighbour table (-1 = padding), e.g. from
@@ -1150,6 +699,15 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         validate_gene_neighbors(table, self.config.n_genes, self.config.knn_k)
         self.gene_neighbors.copy_(table.to(device=self.gene_neighbors.device, dtype=torch.long))
 
+    def attention_function(self, output_attentions: bool) -> AttentionFunction:
+        """The entry of ``ATTENTION_FUNCTIONS`` that computes this model's attention for a forward
+        now (its device, dtype and mode) with or without attention weights."""
+        parameter = self.embeddings.value_bins.weight
+        return resolve_attention_function(
+            self.config, parameter.device, parameter.dtype, self.training, bool(output_attentions),
+            self.gene_neighbors.shape[1],
+        )
+
     def forward(
         self,
         expression: torch.Tensor,
@@ -1157,40 +715,48 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         masked_positions: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> ScrnaLongformerModelOutput:
+        return_dict: bool | None = None,
+    ) -> ScrnaLongformerModelOutput | tuple:
         r"""
         Args:
             expression: (batch, G) float, normalised expression in the model's gene order.
             attention_mask: (batch, G), 1 for genes measured in this cell's dataset and 0 for
                 genes absent from it (zero-filled); absent genes are never attended to.
-            masked_positions: (batch, G) bool; those genes' values are hidden from the input.
+            masked_positions: (batch, G) bool; those genes' values are hidden from the input
+                (only for a model built with ``use_mask_token=True``).
+            output_attentions, output_hidden_states, return_dict: as everywhere in transformers;
+                ``return_dict=False`` returns a tuple.
         """
-        gene_mask = self._checked_gene_mask(expression, attention_mask)
-        batch = expression.shape[0]
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        gene_mask, masked_positions = self._checked_inputs(expression, attention_mask, masked_positions)
+        attention_function = self.attention_function(output_attentions)
+        batch = expression.shape[0]
         step = max(batch, 1) if torch.is_grad_enabled() else self.inference_chunk_cells()
         chunks = [
             self._encode(
                 expression[start : start + step],
                 gene_mask[start : start + step],
                 None if masked_positions is None else masked_positions[start : start + step],
+                attention_function,
                 output_attentions,
                 output_hidden_states,
             )
             for start in range(0, max(batch, 1), step)  # an empty batch still gives one (empty) chunk
         ]
         if len(chunks) == 1:
-            return chunks[0]
-        return ScrnaLongformerModelOutput(
-            last_hidden_state=torch.cat([chunk.last_hidden_state for chunk in chunks]),
-            cell_embedding=torch.cat([chunk.cell_embedding for chunk in chunks]),
-            hidden_states=_cat_per_layer([chunk.hidden_states for chunk in chunks]),
-            attentions=_cat_per_layer([chunk.attentions for chunk in chunks]),
-        )
+            output = chunks[0]
+        else:
+            output = ScrnaLongformerModelOutput(
+                last_hidden_state=torch.cat([chunk.last_hidden_state for chunk in chunks]),
+                cell_embedding=torch.cat([chunk.cell_embedding for chunk in chunks]),
+                hidden_states=_cat_per_layer([chunk.hidden_states for chunk in chunks]),
+                attentions=_cat_per_layer([chunk.attentions for chunk in chunks]),
+            )
+        return output if return_dict else output.to_tuple()
 
     def selected_gene_states(
         self,
@@ -1214,27 +780,32 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         Returns:
             (n_selected, d_model), in the row-major order of ``selected``.
         """
-        gene_mask = self._checked_gene_mask(expression, attention_mask)
-        if tuple(selected.shape) != tuple(expression.shape):
-            raise ValueError(
-                f"selected must have the shape of expression {tuple(expression.shape)}, got {tuple(selected.shape)}."
-            )
+        gene_mask, masked_positions = self._checked_inputs(expression, attention_mask, masked_positions)
+        _check_same_shape("selected", selected, expression)
         # Flat indices into the (b, 1 + G) tokens; the CLS column is never selected.
         rows = F.pad(selected.bool(), (1, 0)).reshape(-1).nonzero().squeeze(1)
-        hidden, _, _ = self._run_encoder(expression, gene_mask, masked_positions, False, False, rows)
+        hidden, _, _ = self._run_encoder(
+            expression, gene_mask, masked_positions, self.attention_function(False), False, False, rows
+        )
         return self.final_norm(hidden)
 
-    def _checked_gene_mask(self, expression: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Validate the inputs; (batch, G) bool, True for the genes measured in each cell."""
+    def _checked_inputs(
+        self, expression: torch.Tensor, attention_mask: torch.Tensor | None, masked_positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate the inputs; returns the (batch, G) bool masks of measured and masked genes."""
         _check_expression(expression, self.config.n_genes)
+        if masked_positions is not None:
+            if self.embeddings.mask_embedding is None:
+                raise ValueError(
+                    "masked_positions were given but this model has no mask token; masked gene modelling "
+                    "uses ScrnaLongformerForMaskedGeneModeling (or ScrnaLongformerModel(config, use_mask_token=True))."
+                )
+            _check_same_shape("masked_positions", masked_positions, expression)
+            masked_positions = masked_positions.bool()
         if attention_mask is None:
-            return torch.ones_like(expression, dtype=torch.bool)
-        if tuple(attention_mask.shape) != tuple(expression.shape):
-            raise ValueError(
-                f"attention_mask must have the shape of expression {tuple(expression.shape)}, "
-                f"got {tuple(attention_mask.shape)}."
-            )
-        return attention_mask.bool()
+            return torch.ones_like(expression, dtype=torch.bool), masked_positions
+        _check_same_shape("attention_mask", attention_mask, expression)
+        return attention_mask.bool(), masked_positions
 
     def inference_chunk_cells(self) -> int:
         """Cells per forward chunk when no gradient is kept: cells are independent, and a chunk
@@ -1245,32 +816,39 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         widest = max(3 * self.config.d_model, self.config.intermediate_size)
         return max(1, _INFERENCE_CHUNK_FLOATS // (n_tokens * widest))
 
-    def _run_encoder(self, expression, gene_mask, masked_positions, output_attentions, output_hidden_states, rows=None):
+    def _run_encoder(
+        self, expression, gene_mask, masked_positions, attention_function, output_attentions, output_hidden_states,
+        rows=None,
+    ):
         """Embeddings and layers of validated cells: the residual stream (b, 1 + G, d), or (n, d)
         at ``rows`` (see ``ScrnaLongformerEncoder``), and the per-layer outputs asked for."""
         key_mask = torch.cat([gene_mask.new_ones(expression.shape[0], 1), gene_mask], dim=1)  # (b, 1 + G)
         if self.config.kernel_implementation == "compiled":
-            c_dropout = self.training and expression.device.type == "cpu" and c_kernels_available()
             # Elementwise graphs and reductions, no scatter: every thread.
-            tokens = _COMPILED_EMBED(
-                self.embeddings, expression, masked_positions, c_dropout, kernel_threads=torch.get_num_threads()
+            tokens = self.compiled_embeddings(
+                self.embeddings, expression, masked_positions, attention_function,
+                kernel_threads=torch.get_num_threads(),
             )
         else:
-            tokens = _embed(self.embeddings, expression, masked_positions)
-        return self.encoder(tokens, self.gene_neighbors, key_mask, output_attentions, output_hidden_states, rows)
+            tokens = self.embeddings(expression, masked_positions, attention_function)
+        return self.encoder(
+            tokens, self.gene_neighbors, key_mask, attention_function, output_attentions, output_hidden_states, rows
+        )
 
-    def _encode(self, expression, gene_mask, masked_positions, output_attentions, output_hidden_states):
+    def _encode(
+        self, expression, gene_mask, masked_positions, attention_function, output_attentions, output_hidden_states
+    ) -> ScrnaLongformerModelOutput:
         """The forward pass of one chunk of cells, already validated."""
         hidden, all_hidden, all_attentions = self._run_encoder(
-            expression, gene_mask, masked_positions, output_attentions, output_hidden_states
+            expression, gene_mask, masked_positions, attention_function, output_attentions, output_hidden_states
         )
+        arguments = (self.final_norm, self.config.pooling, hidden, gene_mask)
         if self.config.kernel_implementation == "compiled":
-            pool_and_normalize = functools.partial(_COMPILED_POOL_AND_NORMALIZE, kernel_threads=torch.get_num_threads())
+            last_hidden_state, cell_embedding = self.compiled_pool_and_normalize(
+                *arguments, kernel_threads=torch.get_num_threads()
+            )
         else:
-            pool_and_normalize = _pool_and_normalize
-        last_hidden_state, cell_embedding = pool_and_normalize(
-            self.final_norm, self.pooler_norm, self.config.pooling, hidden, gene_mask
-        )
+            last_hidden_state, cell_embedding = _pool_and_normalize(*arguments)
         return ScrnaLongformerModelOutput(
             last_hidden_state=last_hidden_state,
             cell_embedding=cell_embedding,
@@ -1279,43 +857,26 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         )
 
 
-# Floats in the widest activation of one inference chunk (8 MB in fp32; the best of 2–32 MB
-# measured on 2 cores for the tiny and default presets).
-_INFERENCE_CHUNK_FLOATS = 2**21
-
-
-def _cat_per_layer(per_chunk: list[tuple | None]) -> tuple | None:
-    """Concatenate per-layer tuples of chunk outputs along the batch."""
-    if per_chunk[0] is None:
-        return None
-    return tuple(torch.cat(layer_outputs) for layer_outputs in zip(*per_chunk))
-
-
 class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
-    """Masked gene modelling: hide the values of a random ``mask_ratio`` of the measured genes
-    from the input and regress them from the rest. The loss covers the masked genes only.
+    """Masked gene modelling: regress the values of masked genes, hidden from the input, from the
+    rest. A data collator chooses the masked genes (``masked_positions``); the model never
+    samples them, so its outputs are deterministic in eval mode. The loss covers the masked
+    genes only.
 
-    In training mode the last layer and the prediction head run at the masked genes only (see
-    ``ScrnaLongformerModel.selected_gene_states``): the loss and every gradient are those of the
-    full forward, at about two thirds of the cost for the two-layer default preset. The output's
-    ``logits`` then hold predictions at the masked genes and NaN elsewhere, and
-    ``cell_embedding`` is None; ``model.eval()`` or ``predict_all_genes=True`` gives them all.
+    In training mode with ``labels``, the last layer and the prediction head run at the masked
+    genes only (see ``ScrnaLongformerModel.selected_gene_states``): the loss and every gradient
+    are those of the full forward, at about two thirds of the cost for the two-layer default
+    preset. The output's ``logits`` then hold predictions at the masked genes and NaN elsewhere,
+    and ``cell_embedding`` is None; ``predict_all_genes=True`` gives them all.
     """
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__(config)
-        self.scrna_longformer = ScrnaLongformerModel(config)
+        self.scrna_longformer = ScrnaLongformerModel(config, use_mask_token=True)
         self.prediction_transform = nn.Linear(config.d_model, config.d_model)
         self.prediction_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.prediction_head = nn.Linear(config.d_model, 1)
         self.post_init()
-
-    def sample_masked_positions(self, expression: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(batch, G) bool: each measured gene is masked with probability ``mask_ratio``."""
-        masked = torch.rand(expression.shape, device=expression.device) < self.config.mask_ratio
-        if attention_mask is not None:
-            masked &= attention_mask.bool()
-        return masked
 
     def forward(
         self,
@@ -1325,57 +886,72 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         predict_all_genes: bool | None = None,
-        **kwargs,
-    ) -> MaskedGeneModelingOutput:
+    ) -> MaskedGeneModelingOutput | tuple:
         r"""
         Args:
-            masked_positions: (batch, G) bool, genes to hide and score; sampled if None.
-            labels: (batch, G) target values; defaults to ``expression`` itself.
-            predict_all_genes: predict every gene and pool the cell embedding; by default only
-                outside training mode or when hidden states or attentions are asked for.
+            masked_positions: (batch, G) bool, the genes whose values are hidden from the input and
+                scored by the loss.
+            labels: (batch, G) float target values (usually the unmasked ``expression``); the
+                loss is the mean squared error over ``masked_positions``, which it requires.
+            predict_all_genes: predict every gene and pool the cell embedding; by default all but
+                when training on ``labels`` without hidden states or attentions asked for.
         """
-        if masked_positions is None:
-            masked_positions = self.sample_masked_positions(expression, attention_mask)
-        masked_positions = masked_positions.bool()
-        targets = expression if labels is None else labels
-        n_masked = masked_positions.sum()
-        if output_attentions is None:
-            output_attentions = self.config.output_attentions
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None:
+            if masked_positions is None:
+                raise ValueError(
+                    "labels were given without masked_positions: the loss is taken over the masked genes, "
+                    "which the data collator chooses; pass masked_positions (batch, n_genes) bool."
+                )
+            _check_same_shape("labels", labels, expression)
         if predict_all_genes is None:
-            predict_all_genes = not self.training or bool(output_attentions) or bool(output_hidden_states)
-        if not predict_all_genes:
+            predict_all_genes = not (self.training and labels is not None) or output_attentions or output_hidden_states
+        if not predict_all_genes and masked_positions is None:
+            raise ValueError("predict_all_genes=False predicts the masked genes only; pass masked_positions.")
+
+        if predict_all_genes:
+            outputs = self.scrna_longformer(
+                expression,
+                attention_mask=attention_mask,
+                masked_positions=masked_positions,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            predictions = self._predict(outputs.last_hidden_state[:, 1:])  # (b, G)
+            loss = None
+            if labels is not None:
+                masked_positions = masked_positions.bool()
+                squared_error = torch.where(masked_positions, (predictions - labels).pow(2), 0.0)
+                loss = squared_error.sum() / masked_positions.sum().clamp(min=1)
+            output = MaskedGeneModelingOutput(
+                loss=loss,
+                logits=predictions,
+                cell_embedding=outputs.cell_embedding,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
+        else:
+            masked_positions = masked_positions.bool()
             states = self.scrna_longformer.selected_gene_states(
                 expression, masked_positions, attention_mask=attention_mask, masked_positions=masked_positions
             )  # (n_masked, d)
             masked_predictions = self._predict(states)  # (n_masked,)
-            loss = (masked_predictions - targets[masked_positions]).pow(2).sum() / n_masked.clamp(min=1)
+            loss = None
+            if labels is not None:
+                squared_error = (masked_predictions - labels[masked_positions]).pow(2)
+                loss = squared_error.sum() / masked_positions.sum().clamp(min=1)
             predictions = torch.full_like(expression, float("nan"), dtype=masked_predictions.dtype)
-            return MaskedGeneModelingOutput(
-                loss=loss,
-                logits=predictions.masked_scatter(masked_positions, masked_predictions),
-                masked_positions=masked_positions,
+            output = MaskedGeneModelingOutput(
+                loss=loss, logits=predictions.masked_scatter(masked_positions, masked_predictions)
             )
-        outputs = self.scrna_longformer(
-            expression,
-            attention_mask=attention_mask,
-            masked_positions=masked_positions,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        predictions = self._predict(outputs.last_hidden_state[:, 1:])  # (b, G)
-        squared_error = (predictions - targets).pow(2) * masked_positions
-        loss = squared_error.sum() / n_masked.clamp(min=1)
-        return MaskedGeneModelingOutput(
-            loss=loss,
-            logits=predictions,
-            masked_positions=masked_positions,
-            cell_embedding=outputs.cell_embedding,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return output if return_dict else output.to_tuple()
 
     def _predict(self, gene_states: torch.Tensor) -> torch.Tensor:
         """Gene token states (..., d) -> predicted values (...)."""
@@ -1384,7 +960,10 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
 
 
 class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
-    """Cell-type classification from the pooled cell embedding."""
+    """Cell classification (or regression) from the cell embedding. The loss follows
+    ``config.problem_type`` as in transformers' ``*ForSequenceClassification`` heads: cross-entropy
+    (with ``config.class_weights`` and ``config.label_smoothing``), binary cross-entropy per label,
+    or mean squared error."""
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__(config)
@@ -1393,19 +972,6 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
 
-    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Mean cross-entropy of logits (b, num_labels) against class ids (b,), with
-        ``config.class_weights`` if set and the given label smoothing."""
-        if labels.dim() != 1 or int(labels.min()) < 0 or int(labels.max()) >= self.config.num_labels:
-            raise ValueError(
-                f"labels must be a (batch,) tensor of class ids in [0, {self.config.num_labels}), "
-                f"got shape {tuple(labels.shape)} with values {int(labels.min())}..{int(labels.max())}."
-            )
-        weight = None
-        if self.config.class_weights is not None:
-            weight = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
-        return F.cross_entropy(logits, labels.long(), weight=weight, label_smoothing=label_smoothing)
-
     def forward(
         self,
         expression: torch.Tensor,
@@ -1413,35 +979,75 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> CellClassifierOutput:
+        return_dict: bool | None = None,
+    ) -> CellClassifierOutput | tuple:
         r"""
         Args:
-            labels: (batch,) int64 class ids in ``[0, num_labels)``.
+            labels: (batch,) int class ids in ``[0, num_labels)`` for single-label classification,
+                (batch, num_labels) float 0/1 for multi-label classification, (batch,) or
+                (batch, num_labels) float targets for regression.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.scrna_longformer(
             expression,
             attention_mask=attention_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.cell_embedding))  # (b, num_labels)
-        loss = None if labels is None else self.classification_loss(logits, labels)
-        return CellClassifierOutput(
-            loss=loss,
+        output = CellClassifierOutput(
+            loss=None if labels is None else self._loss(logits, labels),
             logits=logits,
             cell_embedding=outputs.cell_embedding,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of logits (b, num_labels) per ``config.problem_type``, inferred from the labels
+        when None: one label is regression, integer labels single-label classification, float
+        labels multi-label classification."""
+        num_labels = self.config.num_labels
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if num_labels == 1:
+                problem_type = "regression"
+            elif labels.is_floating_point():
+                problem_type = "multi_label_classification"
+            else:
+                problem_type = "single_label_classification"
+        if problem_type == "regression":
+            if num_labels == 1:
+                return F.mse_loss(logits.view(-1), labels.to(logits.dtype).view(-1))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(
+                f"single-label classification needs labels of shape (batch,) holding class ids, got "
+                f"{labels.dtype} of shape {tuple(labels.shape)}."
+            )
+        if not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+            raise ValueError(
+                f"labels must be class ids in [0, {num_labels}), got values {int(labels.min())}..{int(labels.max())}."
+            )
+        weight = None
+        if self.config.class_weights is not None:
+            weight = torch.tensor(self.config.class_weights, dtype=logits.dtype, device=logits.device)
+        return F.cross_entropy(logits, labels.long(), weight=weight, label_smoothing=self.config.label_smoothing)
 
 
 __all__ = [
+    "ATTENTION_FUNCTIONS",
     "ScrnaLongformerPreTrainedModel",
     "ScrnaLongformerModel",
     "ScrnaLongformerForMaskedGeneModeling",
     "ScrnaLongformerForCellClassification",
     "default_gene_neighbors",
+    "validate_gene_neighbors",
+    "resolve_attention_function",
     "knn_attention",
     "dense_attention",
     "linear_attention",

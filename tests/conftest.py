@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import synthetic_counts
 
-import scrnalf_hf
+import scrnalf_hf  # noqa: F401  (registers the Auto classes before any test loads a model)
 from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerForCellClassification, ScrnaLongformerProcessor
 
 N_GENES = 60

@@ -20,12 +20,9 @@ import torch
 from transformers import BertConfig, BertModel
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
+from ..kernels_scrnalf import c_kernels_available
 from ..machine import describe_machine
-from ..modeling_scrnalf import (
-    ScrnaLongformerModel,
-    c_kernels_available,
-    default_gene_neighbors,
-)
+from ..modeling_scrnalf import ScrnaLongformerModel, default_gene_neighbors
 from .targets import targets_table
 
 GRAPHS = ("window", "simulated")

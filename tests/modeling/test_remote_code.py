@@ -12,6 +12,7 @@ import torch
 from transformers import AutoFeatureExtractor, AutoModelForSequenceClassification
 
 import scrnalf_hf  # noqa: F401
+from scrnalf_hf.kernels_scrnalf import c_kernels_available
 
 LOAD_AND_EMBED = textwrap.dedent(
     """
@@ -38,8 +39,10 @@ LOAD_AND_EMBED = textwrap.dedent(
         embedding = model(**batch).cell_embedding.numpy()
         compiled_embedding = compiled_model(**batch).cell_embedding.numpy()
     auto_processor = AutoProcessor.from_pretrained(source, **kwargs)
+    attention_function = compiled_model.attention_function(False)
     np.savez(output, embedding=embedding, compiled_embedding=compiled_embedding, model_module=type(model).__module__,
-             processor_module=type(processor).__module__, auto_processor_module=type(auto_processor).__module__)
+             processor_module=type(processor).__module__, auto_processor_module=type(auto_processor).__module__,
+             attention_function=attention_function.name, attention_module=attention_function.forward.__module__)
     """
 )
 
@@ -74,9 +77,10 @@ def local_embedding(folder, kernel_implementation: str = "eager") -> np.ndarray:
 def test_saved_folder_has_weights_config_processor_and_remote_code(trained_tiny_folder):
     files = {path.name for path in trained_tiny_folder.iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= files
-    assert {"configuration_scrnalf.py", "modeling_scrnalf.py", "processing_scrnalf.py"} <= files
+    assert {"configuration_scrnalf.py", "modeling_scrnalf.py", "kernels_scrnalf.py", "processing_scrnalf.py"} <= files
     auto_map = json.loads((trained_tiny_folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_scrnalf.ScrnaLongformerModel"
+    assert auto_map["AutoModelForMaskedLM"] == "modeling_scrnalf.ScrnaLongformerForMaskedGeneModeling"
     assert auto_map["AutoModelForSequenceClassification"] == "modeling_scrnalf.ScrnaLongformerForCellClassification"
     processor_map = json.loads((trained_tiny_folder / "preprocessor_config.json").read_text())["auto_map"]
     assert processor_map["AutoFeatureExtractor"] == "processing_scrnalf.ScrnaLongformerProcessor"
@@ -91,6 +95,11 @@ def test_folder_loads_with_trust_remote_code_where_scrnalf_hf_cannot_be_imported
     np.testing.assert_array_equal(result["embedding"], local_embedding(trained_tiny_folder))
     compiled = local_embedding(trained_tiny_folder, "compiled")
     np.testing.assert_allclose(result["compiled_embedding"], compiled, rtol=1e-5, atol=1e-6)
+    # The remote copy of the kernels file runs the C kernels wherever the package would.
+    local = AutoModelForSequenceClassification.from_pretrained(trained_tiny_folder).scrna_longformer.eval()
+    assert str(result["attention_function"]) == local.attention_function(False).name
+    assert str(result["attention_module"]).startswith("transformers_modules")
+    assert str(result["attention_module"]).endswith(".kernels_scrnalf") == c_kernels_available()
 
 
 def lay_out_hub_cache(folder, cache, repo_id: str, commit: str) -> None:

@@ -1,7 +1,9 @@
-"""The model: Auto classes, kNN == dense, sparse memory, masking, heads and bad input."""
+"""The model: Auto classes, kNN == dense, sparse memory, masking, heads, losses, loading across heads
+and bad input."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
@@ -144,10 +146,11 @@ def test_memory_tracker_catches_the_dense_gene_by_gene_mask():
 
 def test_linear_attention_equals_explicit_kernel_attention():
     generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(2, 11, 3, 4, generator=generator) for _ in range(3))  # (b, T, h, dh)
+    qkv = torch.randn(2, 11, 3, 3, 4, generator=generator)  # (b, T, 3, h, dh)
+    query, key, value = qkv.unbind(2)
     key_mask = torch.ones(2, 11, dtype=torch.bool)
     key_mask[1, 5:] = False
-    output, weights = linear_attention(query, key, value, torch.zeros(10, 2, dtype=torch.long), key_mask)
+    output, weights = linear_attention(qkv, torch.zeros(10, 2, dtype=torch.long), key_mask)
     q, k, v = (tensor.transpose(1, 2) for tensor in (query, key, value))  # (b, h, T, dh)
     similarity = (torch.nn.functional.elu(q) + 1) @ (torch.nn.functional.elu(k) + 1).transpose(-1, -2)
     similarity = similarity * key_mask[:, None, None, :]
@@ -155,7 +158,7 @@ def test_linear_attention_equals_explicit_kernel_attention():
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
     assert weights is None
     with pytest.raises(ValueError, match="linear"):
-        linear_attention(query, key, value, torch.zeros(10, 2, dtype=torch.long), key_mask, output_attentions=True)
+        linear_attention(qkv, torch.zeros(10, 2, dtype=torch.long), key_mask, output_attentions=True)
 
 
 def test_linear_model_trains():
@@ -175,7 +178,7 @@ def test_masked_gene_modelling_hides_masked_values_from_the_input():
     masked[:, 5:15] = True
     changed = expression.clone()
     changed[masked] = changed[masked] + 3.0  # change only the hidden values
-    first = model(expression, masked_positions=masked)
+    first = model(expression, masked_positions=masked, labels=expression)
     second = model(changed, masked_positions=masked, labels=expression)
     torch.testing.assert_close(first.logits, second.logits)
     torch.testing.assert_close(first.loss, second.loss)
@@ -218,13 +221,14 @@ def test_training_on_masked_genes_only_gives_the_full_loss_and_gradients(attenti
     expression = torch.rand(3, 40) * 4
     attention_mask = torch.ones(3, 40, dtype=torch.long)
     attention_mask[1, 30:] = 0
-    masked = model.sample_masked_positions(expression, attention_mask)
+    masked = (torch.rand(3, 40, generator=torch.Generator().manual_seed(2)) < 0.15) & attention_mask.bool()
     masked[2] = False  # a cell with nothing to score
     results = {}
     for predict_all_genes in (True, None):
         model.zero_grad()
         output = model(
-            expression, attention_mask=attention_mask, masked_positions=masked, predict_all_genes=predict_all_genes
+            expression, attention_mask=attention_mask, masked_positions=masked, labels=expression,
+            predict_all_genes=predict_all_genes,
         )
         output.loss.backward()
         gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -234,13 +238,9 @@ def test_training_on_masked_genes_only_gives_the_full_loss_and_gradients(attenti
     assert torch.isnan(sparse.logits[~masked]).all()
     torch.testing.assert_close(sparse.logits[masked], full.logits[masked], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse.loss, full.loss, rtol=1e-5, atol=1e-6)
-    assert len(sparse_gradients) > 10
-    # The cell embedding's LayerNorm gets no gradient or, where one compiled graph computes it
-    # beside the token states, an all-zero one.
-    for name, parameter in model.named_parameters():
-        expected = full_gradients.get(name, torch.zeros_like(parameter))
-        found = sparse_gradients.get(name, torch.zeros_like(parameter))
-        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert sparse_gradients.keys() == full_gradients.keys() == {name for name, _ in model.named_parameters()}
+    for name in full_gradients:
+        torch.testing.assert_close(sparse_gradients[name], full_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_masked_gene_modelling_predicts_every_gene_outside_training():
@@ -248,17 +248,6 @@ def test_masked_gene_modelling_predicts_every_gene_outside_training():
     output = model(torch.rand(2, 48))
     assert output.logits.shape == (2, 48) and torch.isfinite(output.logits).all()
     assert output.cell_embedding.shape == (2, 16)
-
-
-def test_sampled_masks_follow_mask_ratio_and_skip_unmeasured_genes():
-    torch.manual_seed(0)
-    config = small_config(n_genes=400, mask_ratio=0.25)
-    model = ScrnaLongformerForMaskedGeneModeling(config)
-    attention_mask = torch.ones(8, 400, dtype=torch.long)
-    attention_mask[:, :100] = 0
-    masked = model(torch.rand(8, 400), attention_mask=attention_mask).masked_positions
-    assert not masked[:, :100].any()
-    assert abs(masked[:, 100:].float().mean().item() - 0.25) < 0.03
 
 
 def test_class_weights_change_the_classification_loss():
@@ -384,3 +373,247 @@ def test_inference_in_chunks_of_cells_equals_the_whole_batch(monkeypatch):
         assert len(chunked[key]) == len(whole[key])
         for got, expected in zip(chunked[key], whole[key]):
             torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+MODEL_CLASSES = (ScrnaLongformerModel, ScrnaLongformerForMaskedGeneModeling, ScrnaLongformerForCellClassification)
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+@pytest.mark.parametrize("keyword", ["species", "protein"])
+def test_unknown_keyword_arguments_are_rejected_by_name(model_class, keyword):
+    model = model_class(small_config())
+    with pytest.raises(TypeError, match=keyword):
+        model(torch.rand(2, 48), **{keyword: torch.zeros(2)})
+
+
+def test_labels_without_masked_positions_are_rejected():
+    model = ScrnaLongformerForMaskedGeneModeling(small_config())
+    expression = torch.rand(2, 48)
+    with pytest.raises(ValueError, match="masked_positions"):
+        model(expression, labels=expression)
+
+
+def test_only_a_model_with_a_mask_token_takes_masked_positions():
+    config = small_config()
+    masked = torch.zeros(2, 48, dtype=torch.bool)
+    masked[:, ::4] = True
+    for model in (ScrnaLongformerModel(config), ScrnaLongformerForCellClassification(config).scrna_longformer):
+        assert model.embeddings.mask_embedding is None
+        with pytest.raises(ValueError, match="no mask token"):
+            model(torch.rand(2, 48), masked_positions=masked)
+    with_mask_token = ScrnaLongformerModel(config, use_mask_token=True).eval()
+    assert with_mask_token.embeddings.mask_embedding.shape == (16,)
+    expression = torch.rand(2, 48)
+    hidden = with_mask_token(expression, masked_positions=masked).last_hidden_state
+    assert not torch.allclose(hidden, with_mask_token(expression).last_hidden_state)
+    assert ScrnaLongformerForMaskedGeneModeling(config).scrna_longformer.embeddings.mask_embedding is not None
+
+
+def test_masked_gene_modelling_without_labels_has_no_loss_and_is_deterministic():
+    torch.manual_seed(0)
+    model = ScrnaLongformerForMaskedGeneModeling(small_config(hidden_dropout=0.1)).eval()
+    expression = torch.rand(3, 48)
+    masked = torch.rand(3, 48) < 0.3
+    first, second = model(expression, masked_positions=masked), model(expression, masked_positions=masked)
+    assert first.loss is None
+    assert torch.equal(first.logits, second.logits) and torch.equal(first.cell_embedding, second.cell_embedding)
+    unmasked = model(expression)
+    assert unmasked.loss is None and torch.equal(unmasked.logits, model(expression).logits)
+
+
+def test_classification_loss_follows_the_problem_type():
+    torch.manual_seed(0)
+    expression = torch.rand(4, 48)
+
+    def model_for(**overrides):
+        torch.manual_seed(0)
+        return ScrnaLongformerForCellClassification(small_config(**overrides)).eval()
+
+    # One label and float targets: regression, the real mean squared error.
+    regression = model_for(id2label=None, num_labels=1)
+    targets = torch.tensor([0.5, 2.0, -1.0, 3.0])
+    output = regression(expression, labels=targets)
+    expected = F.mse_loss(output.logits.squeeze(-1), targets)
+    assert expected > 0.1
+    torch.testing.assert_close(output.loss, expected)
+    # Float labels over several classes: multi-label classification.
+    multi_label = model_for()
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    output = multi_label(expression, labels=targets)
+    torch.testing.assert_close(output.loss, F.binary_cross_entropy_with_logits(output.logits, targets))
+    # The problem type in the config wins over the labels' dtype.
+    regression_of_three = model_for(problem_type="regression")
+    output = regression_of_three(expression, labels=targets)
+    torch.testing.assert_close(output.loss, F.mse_loss(output.logits, targets))
+    # Class ids: cross-entropy with the config's class weights and label smoothing.
+    single_label = model_for(class_weights=[1.0, 2.0, 5.0], label_smoothing=0.1)
+    ids = torch.tensor([0, 1, 2, 2])
+    output = single_label(expression, labels=ids)
+    expected = F.cross_entropy(output.logits, ids, weight=torch.tensor([1.0, 2.0, 5.0]), label_smoothing=0.1)
+    torch.testing.assert_close(output.loss, expected)
+    assert not torch.allclose(output.loss, F.cross_entropy(output.logits, ids))
+
+
+def parameters_without_gradient(model) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.grad is None or not parameter.grad.any()]
+
+
+@pytest.mark.parametrize(
+    ("attention_type", "kernel_implementation"),
+    [("knn", "eager"), ("knn", "compiled"), ("dense", "eager"), ("linear", "eager")],
+)
+@pytest.mark.parametrize("predict_all_genes", [None, True])
+def test_every_parameter_gets_a_gradient_from_each_heads_loss(attention_type, kernel_implementation, predict_all_genes):
+    """So that DDP runs with find_unused_parameters=False: no parameter of a head may sit out its
+    loss, in training mode with dropout, on the masked-genes-only path and the full one."""
+    torch.manual_seed(0)
+    config = small_config(
+        attention_type=attention_type, kernel_implementation=kernel_implementation, hidden_dropout=0.1
+    )
+    expression = torch.rand(3, 48) * 4
+    masked = torch.zeros(3, 48, dtype=torch.bool)
+    masked[:, 3::7] = True
+    masked_gene_model = ScrnaLongformerForMaskedGeneModeling(config).train()
+    masked_gene_model(
+        expression, masked_positions=masked, labels=expression, predict_all_genes=predict_all_genes
+    ).loss.backward()
+    assert parameters_without_gradient(masked_gene_model) == []
+    classifier = ScrnaLongformerForCellClassification(config).train()
+    classifier(expression, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert parameters_without_gradient(classifier) == []
+
+
+def test_checkpoints_of_any_head_load_into_any_other_without_unexpected_keys(tmp_path):
+    config = small_config()
+    head_keys = {
+        ScrnaLongformerModel: set(),
+        ScrnaLongformerForMaskedGeneModeling: {
+            "scrna_longformer.embeddings.mask_embedding", "prediction_transform.weight", "prediction_transform.bias",
+            "prediction_norm.weight", "prediction_norm.bias", "prediction_head.weight", "prediction_head.bias",
+        },
+        ScrnaLongformerForCellClassification: {"classifier.weight", "classifier.bias"},
+    }
+    for source_class in MODEL_CLASSES:
+        folder = tmp_path / source_class.__name__
+        source = source_class(config)
+        source.save_pretrained(folder)
+        for target_class in MODEL_CLASSES:
+            target, info = target_class.from_pretrained(folder, output_loading_info=True)
+            assert info["unexpected_keys"] == set(), (source_class.__name__, target_class.__name__)
+            # Only the target head's own weights that the source lacks are new.
+            assert set(info["missing_keys"]) == head_keys[target_class] - head_keys[source_class], (
+                source_class.__name__, target_class.__name__,
+            )
+            source_base = source if source_class is ScrnaLongformerModel else source.scrna_longformer
+            target_base = target if target_class is ScrnaLongformerModel else target.scrna_longformer
+            assert torch.equal(target_base.encoder.layers[0].attention.qkv.weight,
+                               source_base.encoder.layers[0].attention.qkv.weight)
+
+
+def test_weights_of_no_head_are_still_reported_as_unexpected(tmp_path):
+    """The ignore list covers the other heads' weights, not everything."""
+    from safetensors.torch import load_file, save_file
+
+    ScrnaLongformerModel(small_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["pooler_norm.weight"] = torch.ones(16)  # an older model's cell-embedding LayerNorm
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = ScrnaLongformerModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["unexpected_keys"] == {"pooler_norm.weight"}
+
+
+def test_saved_config_maps_every_auto_class_to_its_head(tmp_path, monkeypatch):
+    import json
+
+    expected = {
+        "AutoConfig": "configuration_scrnalf.ScrnaLongformerConfig",
+        "AutoModel": "modeling_scrnalf.ScrnaLongformerModel",
+        "AutoModelForMaskedLM": "modeling_scrnalf.ScrnaLongformerForMaskedGeneModeling",
+        "AutoModelForSequenceClassification": "modeling_scrnalf.ScrnaLongformerForCellClassification",
+    }
+    for model_class in MODEL_CLASSES:
+        model_class(small_config()).save_pretrained(tmp_path / model_class.__name__)
+        auto_map = json.loads((tmp_path / model_class.__name__ / "config.json").read_text())["auto_map"]
+        assert auto_map == expected, model_class.__name__
+    # Where two classes claim one Auto class, the saved model's own class wins.
+    monkeypatch.setattr(ScrnaLongformerModel, "_auto_class", "AutoModelForSequenceClassification")
+    for model_class in (ScrnaLongformerModel, ScrnaLongformerForCellClassification):
+        model_class(small_config()).save_pretrained(tmp_path / f"claimed-{model_class.__name__}")
+        auto_map = json.loads((tmp_path / f"claimed-{model_class.__name__}" / "config.json").read_text())["auto_map"]
+        assert auto_map["AutoModelForSequenceClassification"] == f"modeling_scrnalf.{model_class.__name__}"
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_input_embeddings_are_the_gene_embeddings(model_class):
+    model = model_class(small_config()).eval()
+    base = model if model_class is ScrnaLongformerModel else model.scrna_longformer
+    assert model.get_input_embeddings() is base.embeddings.gene_embeddings
+    expression = torch.rand(2, 48)
+    before = model(expression)[0]
+    replacement = torch.nn.Embedding(48, 16)
+    model.set_input_embeddings(replacement)
+    assert model.get_input_embeddings() is replacement
+    assert not torch.allclose(model(expression)[0], before, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_accepts_float32_expression(dtype):
+    torch.manual_seed(0)
+    model = ScrnaLongformerForCellClassification(small_config(kernel_implementation="eager")).eval()
+    expression = torch.rand(2, 48)
+    reference = model(expression).logits
+    half = model.to(dtype)
+    logits = half(expression).logits
+    assert logits.dtype == dtype
+    torch.testing.assert_close(logits.float(), reference, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_return_dict_false_returns_the_outputs_as_a_tuple(model_class):
+    model = model_class(small_config()).eval()
+    expression = torch.rand(2, 48)
+    as_dict = model(expression, output_hidden_states=True)
+    as_tuple = model(expression, output_hidden_states=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
+    for got, expected in zip(as_tuple, as_dict.to_tuple()):
+        if isinstance(got, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        else:
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kernel_implementation", ["eager", "compiled"])
+def test_returned_attention_weights_are_on_the_autograd_graph(kernel_implementation):
+    """Their gradient exists and is the same for knn and dense (at the graph's real neighbours
+    and CLS; padding has no weight to speak of): the output is computed from them."""
+    torch.manual_seed(0)
+    config = small_config(kernel_implementation=kernel_implementation)
+    model = ScrnaLongformerModel(config)
+    graph = random_graph(48, 6, torch.Generator().manual_seed(5))
+    model.set_gene_graph(graph)
+    expression = torch.rand(3, 48) * 4
+    attention_mask = (torch.rand(3, 48) > 0.2).long()
+    gradients = {}
+    for attention_type in ("knn", "dense"):
+        model.config.attention_type = attention_type
+        output = model(expression, attention_mask=attention_mask, output_attentions=True)
+        weights = output.attentions[0]
+        weights.retain_grad()
+        output.last_hidden_state.square().sum().backward(retain_graph=True)
+        assert weights.grad is not None and weights.grad.abs().sum() > 0
+        gradients[attention_type] = weights.grad
+    real = torch.cat([graph >= 0, torch.ones(48, 1, dtype=torch.bool)], dim=1).expand_as(gradients["knn"])
+    torch.testing.assert_close(gradients["knn"][real], gradients["dense"][real], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_backward_can_retain_the_graph():
+    torch.manual_seed(0)
+    model = ScrnaLongformerForMaskedGeneModeling(small_config(kernel_implementation="compiled")).train()
+    expression = torch.rand(3, 48) * 4
+    masked = torch.zeros(3, 48, dtype=torch.bool)
+    masked[:, ::5] = True
+    loss = model(expression, masked_positions=masked, labels=expression).loss
+    loss.backward(retain_graph=True)
+    first = model.prediction_head.weight.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(model.prediction_head.weight.grad, 2 * first)
