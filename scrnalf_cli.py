@@ -13,6 +13,7 @@ long step and the results; ``--verbose`` adds transformers' and Trainer's logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -199,6 +200,7 @@ def _run_compare(args) -> None:
 def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
     parser = _command(subparsers, name, help_text)
     parser.add_argument("--model", required=True, help="model folder or Hub repo id")
+    parser.add_argument("--revision", default=None, help="the Hub commit to load (the one `scrnalf push` printed)")
     parser.add_argument("--input", required=True, help="input .h5ad")
     parser.add_argument("--output", required=True, help="output .h5ad (must differ from --input)")
     parser.add_argument("--layer", default=None, help="read this layer ('X' for X) instead of where the model was trained")
@@ -213,7 +215,7 @@ def _run_model_on_anndata(args) -> None:
 
     run = predict_file if args.command == "predict" else embed_file
     run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, revision=args.revision)
 
 
 def _add_transfer(subparsers) -> None:
@@ -412,18 +414,44 @@ def _dashed(argument: str) -> str:
     return flag.replace("_", "-") + equals + value
 
 
-def _quiet_libraries() -> None:
-    """One progress bar per long step: no bar per saved shard, no library info logs, no
-    scikit-learn convergence chatter (the figures say how a baseline did)."""
+@contextlib.contextmanager
+def _output(verbose: bool):
+    """For the command's duration: the package's own progress and results on stderr; unless
+    ``verbose``, one progress bar per long step (no bar per saved shard), no library info logs
+    and no scikit-learn convergence chatter (the figures say how a baseline did). Everything is
+    put back afterwards, so that calling ``main`` in a process leaves its logging as it was."""
     import warnings
 
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="sklearn")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    package = logging.getLogger("scrnalf_hf")
+    datasets_logger = logging.getLogger("datasets")
+    saved = (package.level, datasets_logger.level, transformers.utils.logging.get_verbosity(),
+             transformers.utils.logging.is_progress_bar_enabled())
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        with warnings.catch_warnings():
+            if verbose:
+                transformers.utils.logging.set_verbosity_info()
+            else:
+                transformers.utils.logging.set_verbosity_error()
+                transformers.utils.logging.disable_progress_bar()
+                datasets_logger.setLevel(logging.ERROR)
+                warnings.filterwarnings("ignore", module="sklearn")
+                warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        package.removeHandler(handler)
+        package.propagate = True
+        package.setLevel(saved[0])
+        datasets_logger.setLevel(saved[1])
+        transformers.utils.logging.set_verbosity(saved[2])
+        if saved[3]:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,12 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(args, "passes_flags_on", False):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     args.extra_args, args.debug, args.verbose = rest, flags["--debug"], flags["--verbose"]
-    logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger("scrnalf_hf").setLevel(logging.INFO)  # the package's own progress and results
     try:
-        if not args.verbose:
-            _quiet_libraries()
-        args.func(args)
+        with _output(args.verbose):
+            args.func(args)
     except KeyboardInterrupt:
         print(f"scrnalf {args.command}: interrupted", file=sys.stderr)
         return 130

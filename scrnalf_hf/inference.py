@@ -43,17 +43,20 @@ logger = logging.getLogger(__name__)
 RUN_KEY = "scrnalf"
 
 
-def load_model(model_name_or_path: str, *, head: bool = True) -> tuple[ScrnaLongformerPreTrainedModel, ScrnaLongformerProcessor]:
-    """A saved model (folder or Hub repo id) and its processor: with ``head``, as the class of its
-    task (config ``architectures``), else the bare encoder (any checkpoint embeds cells)."""
+def load_model(
+    model_name_or_path: str, *, head: bool = True, revision: str | None = None
+) -> tuple[ScrnaLongformerPreTrainedModel, ScrnaLongformerProcessor]:
+    """A saved model (folder or Hub repo id, at ``revision``: pin the commit ``scrnalf push``
+    printed) and its processor: with ``head``, as the class of its task (config
+    ``architectures``), else the bare encoder (any checkpoint embeds cells)."""
     from .hub.folder import model_source_errors
 
     with model_source_errors(model_name_or_path):
-        config = ScrnaLongformerConfig.from_pretrained(model_name_or_path)
+        config = ScrnaLongformerConfig.from_pretrained(model_name_or_path, revision=revision)
         task = task_for_model(config)
         model_class = task.model_class if head and task is not None else ScrnaLongformerModel
-        model = model_class.from_pretrained(model_name_or_path, config=config)
-        processor = ScrnaLongformerProcessor.from_pretrained(model_name_or_path)
+        model = model_class.from_pretrained(model_name_or_path, config=config, revision=revision)
+        processor = ScrnaLongformerProcessor.from_pretrained(model_name_or_path, revision=revision)
     return model, processor
 
 
@@ -228,7 +231,7 @@ class _FileWriter:
 
 def _process_file(
     model_name_or_path: str, input_path, output_path, head: bool, *, layer: str | None = None,
-    use_raw: bool | None = None, batch_size: int = 256, overwrite: bool = False,
+    use_raw: bool | None = None, batch_size: int = 256, overwrite: bool = False, revision: str | None = None,
 ) -> None:
     import h5py
 
@@ -242,7 +245,7 @@ def _process_file(
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"--output must differ from --input ({input_path}); the input file is left unchanged.")
     _check_output(output_path, overwrite)
-    model, processor = load_model(model_name_or_path, head=head)
+    model, processor = load_model(model_name_or_path, head=head, revision=revision)
     task = _predicting_task(model) if head else None
     staging = output_path.parent / f".{output_path.name}.incomplete-{uuid.uuid4().hex[:8]}"
     try:

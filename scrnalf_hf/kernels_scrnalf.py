@@ -63,12 +63,17 @@ class AttentionFunction:
             whether this function computes the configured attention for such a call.
         graph_dropout: ``(hidden_states, p, training) -> hidden_states``, the dropout the
             layers apply inside compiled graphs when this function runs.
+        multithreaded_graphs: whether the CPU code torch.compile generates around this function
+            uses every thread. Not around torch.compile's own kNN gather loops, whose loops and
+            backward scatter-adds ran 2.4× and 1.35× slower split over 2 threads (measured);
+            around a kernel of its own the generated code is elementwise and gains from them.
     """
 
     name: str
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     supports: Callable[..., bool]
     graph_dropout: Callable[[torch.Tensor, float, bool], torch.Tensor]
+    multithreaded_graphs: bool = False
 
     def __call__(self, qkv, gene_neighbors, key_mask, dropout_p, output_attentions):
         return self.forward(qkv, gene_neighbors, key_mask, dropout_p, output_attentions)
@@ -738,7 +743,11 @@ def c_dropout(hidden_states: torch.Tensor, p: float, training: bool) -> torch.Te
 
 
 C_KNN_ATTENTION = AttentionFunction(
-    name="knn-c", forward=c_knn_attention, supports=supports_c_knn_attention, graph_dropout=c_dropout
+    name="knn-c",
+    forward=c_knn_attention,
+    supports=supports_c_knn_attention,
+    graph_dropout=c_dropout,
+    multithreaded_graphs=True,
 )
 
 
@@ -788,11 +797,11 @@ class CompiledFunction:
 
     def __call__(self, *args, kernel_threads: int = 1):
         """``kernel_threads``: OpenMP threads of the generated CPU kernels, fixed when a graph is
-        first compiled. One by default: torch.compile's own kNN gather loops and their backward's
-        scatter-adds ran 2.4× and 1.35× slower split over 2 threads (measured), while the matrix
-        products use every intra-op thread regardless. Graphs without them (elementwise ops,
-        reductions, the C kernels) gain from more: the default preset's inference ran 1.3×
-        faster with 2 on 2 cores.
+        first compiled (the matrix products use every intra-op thread regardless). One by
+        default, for graphs with torch.compile's own kNN gather loops (see
+        ``AttentionFunction.multithreaded_graphs``); graphs without them (elementwise ops,
+        reductions, the C kernels) gain from more: the default preset's inference ran 1.3× faster
+        with 2 on 2 cores.
 
         Random numbers in compiled graphs come from torch's own generator (inductor's
         ``fallback_random``): its per-element generator made dropout a third of a training step.

@@ -440,9 +440,7 @@ class ScrnaLongformerLayer(GradientCheckpointingLayer):
         # graph cannot be (each is a leaf of its backward): with weights asked for, run eagerly.
         if self.config.kernel_implementation == "eager" or output_attentions:
             return _layer_forward(*arguments)
-        # torch.compile's own gather loops run slower split over threads; around the C kernels
-        # the generated code is elementwise and gains from every thread.
-        threads = torch.get_num_threads() if attention_function is C_KNN_ATTENTION else 1
+        threads = torch.get_num_threads() if attention_function.multithreaded_graphs else 1
         return self.compiled_forward(*arguments, kernel_threads=threads)
 
 

@@ -294,7 +294,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
                 f"(the panel's missing genes start with {alignment.missing[:5]})."
             )
         else:
-            logger.info(f"Gene alignment: {alignment}.")
+            logger.debug(f"Gene alignment: {alignment}.")
         return alignment
 
     def normalize(self, values: np.ndarray, library_size: np.ndarray | None = None) -> np.ndarray:

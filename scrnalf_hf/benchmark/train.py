@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
+from ..data.collators import MaskSampler
 from ..modeling_scrnalf import ScrnaLongformerForMaskedGeneModeling
 from .harness import (
     bert_peer,
@@ -55,6 +56,8 @@ def _step_function(model, batch_size: int, n_genes: int, micro_batch_size: int):
     its share of the batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     token_ids = torch.arange(n_genes + 1).expand(micro_batch_size, -1)
+    # The genes masked gene modelling hides, drawn as the training collator draws them.
+    masking = MaskSampler(getattr(getattr(model, "config", None), "mask_ratio", 0.15), seed=0)
 
     def step(expression):
         optimizer.zero_grad(set_to_none=True)
@@ -63,7 +66,8 @@ def _step_function(model, batch_size: int, n_genes: int, micro_batch_size: int):
             if isinstance(model, _BertRegressor):
                 loss = model(token_ids[: part.shape[0]], part)
             else:
-                loss = model(expression=part).loss
+                masked = masking(torch.ones_like(part, dtype=torch.bool), [""] * part.shape[0])
+                loss = model(expression=part, masked_positions=masked, labels=part).loss
             (loss * (part.shape[0] / expression.shape[0])).backward()
             total += loss.item() * part.shape[0] / expression.shape[0]
         optimizer.step()

@@ -268,8 +268,8 @@ def _evaluation(run: TrainingRun) -> tuple[str, str, str]:
             "",
         )
     n_eval = run.results.get("eval_samples") or run.run_info.get("n_eval_cells")
-    split = run.run_info.get("split") or "held-out cells"
-    intro = f"Measured on {split}" + (f" ({n_eval} cells)" if n_eval else "") + "."
+    split = run.run_info.get("split")
+    intro = f"Measured on {n_eval or 'the'} held-out cells" + (f" ({split})" if split else "") + "."
     labels = [task.metric_labels.get(name, name) if task is not None else name for name in names]
     rows = ["| Method | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(names)]
     rows.append("| **this model** | " + " | ".join("—" if v is None else f"{v:.3f}" for v in values.values()) + " |")

@@ -313,7 +313,10 @@ def push_to_hub(
             "a write token is needed to publish."
         )
     if folder.skipped:
-        logger.warning("not uploading Trainer leftovers and pickles: %s", ", ".join(folder.skipped))
+        tops = sorted({name.split("/")[0] + ("/" if "/" in name else "") for name in folder.skipped})
+        logger.warning(
+            "not uploading %d file(s) of Trainer checkpoints and pickles: %s", len(folder.skipped), ", ".join(tops)
+        )
     api = HfApi(token=token)
     endpoint = api.endpoint or constants.ENDPOINT
     message = commit_message or f"Upload {Path(model_dir).resolve().name} with scrnalf push"

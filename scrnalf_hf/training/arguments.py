@@ -128,12 +128,17 @@ COMMAND_FRACTIONS = {"finetune": (0.2, 0.1), "pretrain": (0.0, 0.05)}
 
 def task_defaults(task: Task) -> list[str]:
     """The Trainer flags ``task`` trains with unless the command line says otherwise."""
-    return [
+    flags = [
         *COMMON_DEFAULTS,
         *task.recipe,
         "--metric_for_best_model", task.best_metric,
         "--greater_is_better", str(task.greater_is_better).lower(),
     ]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Several CPU processes (torchrun / accelerate launch without GPUs): accelerate only sets
+        # up multi-CPU data parallelism for use_cpu, and CPUs need the gloo backend.
+        flags += ["--use_cpu", "true", "--ddp_backend", "gloo"]
+    return flags
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -210,10 +215,6 @@ def parse_arguments(argv: list[str], command: str = "finetune"):
     overrides them (argparse keeps the last). Unset split fractions take the command's."""
     task = get_task(_task_name(argv, command))
     defaults = task_defaults(task)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        # Several CPU processes (torchrun / accelerate launch without GPUs): accelerate only sets
-        # up multi-CPU data parallelism for use_cpu, and CPUs need the gloo backend.
-        defaults = [*defaults, "--use_cpu", "true", "--ddp_backend", "gloo"]
     data_args, model_args, training_args = build_parser().parse_args_into_dataclasses(args=defaults + list(argv))
     model_args.task = task.name
     test_fraction, validation_fraction = COMMAND_FRACTIONS[command]

@@ -100,12 +100,11 @@ class BaselineResult:
 def count_parameters(estimator) -> int:
     """Number of fitted numbers the estimator needs to predict (its size, for the comparison table).
 
-    Logistic regression: coefficients + intercepts. Random forest: total tree nodes (each holds
-    a split or a leaf value). kNN on PCA: PCA components and mean + the stored projected training
-    cells. Majority class: 1.
+    Random forest: total tree nodes (each holds a split or a leaf value). kNN on PCA: PCA
+    components and mean + the stored projected training cells. Majority class: 1. Any other
+    scikit-learn estimator (e.g. a task's regression baselines): the sizes of its fitted arrays
+    (attributes ending in ``_``, such as ``coef_`` and ``intercept_``).
     """
-    if isinstance(estimator, LogisticRegression):
-        return int(estimator.coef_.size + estimator.intercept_.size)
     if isinstance(estimator, RandomForestClassifier):
         return int(sum(tree.tree_.node_count for tree in estimator.estimators_))
     if isinstance(estimator, _KnnOnPca):
@@ -113,7 +112,8 @@ def count_parameters(estimator) -> int:
         return int(pca.components_.size + pca.mean_.size + knn.n_samples_fit_ * pca.n_components_)
     if isinstance(estimator, DummyClassifier):
         return 1
-    raise TypeError(f"no parameter count defined for {type(estimator).__name__}.")
+    fitted = [value for name, value in vars(estimator).items() if name.endswith("_") and not name.startswith("_")]
+    return int(sum(np.size(value) for value in fitted if isinstance(value, (np.ndarray, float, int)) and not isinstance(value, bool)))
 
 
 def fit_baseline(

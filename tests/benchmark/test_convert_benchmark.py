@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from scrnalf_hf.benchmark.convert import benchmark_convert, benchmark_convert_run
 
 
@@ -14,6 +16,7 @@ def test_benchmark_convert_reports_speed_and_peak_memory(tmp_path):
     assert not (tmp_path / "converted_3000x100").exists()
 
 
+@pytest.mark.slow  # two fresh processes
 def test_convert_benchmark_compares_peak_memory_between_two_sizes(tmp_path):
     results = benchmark_convert_run(tmp_path, n_cells=2000, n_genes=100, compare_cells=500)
     assert results["smaller"]["n_cells"] == 500 and results["n_cells"] == 2000
@@ -22,6 +25,7 @@ def test_convert_benchmark_compares_peak_memory_between_two_sizes(tmp_path):
     assert "Peak memory at 500 cells" in (tmp_path / "convert.md").read_text()
 
 
+@pytest.mark.slow  # two fresh processes
 def test_predict_benchmark_streams_two_sizes_and_reports_their_peak_memory(tmp_path):
     from scrnalf_hf.benchmark.predict import benchmark_predict
 

@@ -257,6 +257,8 @@ def test_the_registry_picks_the_c_kernels_exactly_where_they_ran_before():
                                     checked += 1
     assert checked == 2 * 3 * 2 * 2 * 3 * 2 * 2 * 3
     assert [function.name for function in ATTENTION_FUNCTIONS] == ["knn-c", "knn", "dense", "linear"]
+    # Around the C kernels the compiled layer code is elementwise and runs on every thread.
+    assert [function.multithreaded_graphs for function in ATTENTION_FUNCTIONS] == [True, False, False, False]
 
 
 @needs_c_kernel

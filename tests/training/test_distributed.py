@@ -59,7 +59,7 @@ def test_two_gloo_processes_train_each_head_without_unused_parameters(tmp_path):
         rank0, rank1 = load_file(output / task / "rank0.safetensors"), load_file(output / task / "rank1.safetensors")
         assert rank0.keys() == rank1.keys()
         for name in rank0:
-            torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=lambda m, name=name: f"{task} {name}: {m}")
         assert f"{task} rank 0 steps {steps}" in finished.stdout and f"{task} rank 1 steps {steps}" in finished.stdout
         # one checkpoint (save_total_limit=1), written once for both ranks, with each rank's RNG state
         checkpoints = sorted((output / task).glob("checkpoint-*"))

@@ -1,4 +1,5 @@
-"""A toy head for the task-contract test: regress each cell's log library size from its expression.
+"""A toy head for the task-contract test: regress a per-cell score (here, a cell type's marker
+programme) from the cell embedding.
 
 Written as a user would add a head: a remote-code module beside the model files (single-level
 relative imports only), so that `save_pretrained` copies it next to the weights.
@@ -16,16 +17,16 @@ from .modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedMod
 
 
 @dataclass
-class LibrarySizeOutput(ModelOutput):
-    """loss: mean squared error; logits: (batch, 1) predicted log library size; cell_embedding: (batch, d)."""
+class MarkerScoreOutput(ModelOutput):
+    """loss: mean squared error; logits: (batch, 1) predicted score; cell_embedding: (batch, d)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     cell_embedding: torch.FloatTensor | None = None
 
 
-class ScrnaLongformerForLibrarySize(ScrnaLongformerPreTrainedModel):
-    """(batch, G) expression -> (batch, 1) log1p(library size)."""
+class ScrnaLongformerForMarkerScore(ScrnaLongformerPreTrainedModel):
+    """(batch, G) expression -> (batch, 1) score."""
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__(config)
@@ -39,8 +40,8 @@ class ScrnaLongformerForLibrarySize(ScrnaLongformerPreTrainedModel):
         expression: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> LibrarySizeOutput:
+    ) -> MarkerScoreOutput:
         cell_embedding = self.scrna_longformer(expression, attention_mask=attention_mask).cell_embedding
         logits = self.regressor(cell_embedding)
         loss = None if labels is None else nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-        return LibrarySizeOutput(loss=loss, logits=logits, cell_embedding=cell_embedding)
+        return MarkerScoreOutput(loss=loss, logits=logits, cell_embedding=cell_embedding)
