@@ -6,7 +6,7 @@ import logging
 from contextlib import contextmanager
 
 from transformers import Trainer
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..modeling_scrnalf import ScrnaLongformerEmbeddings, ScrnaLongformerForCellClassification
 
@@ -52,9 +52,11 @@ class ScrnaTrainer(Trainer):
     def __init__(self, *args, embedding_lr_multiplier: float = 1.0, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
-        if self.args.get_process_log_level() > logging.INFO and not self.args.disable_tqdm:
-            self.callback_handler.remove_callback(ProgressCallback)
-            self.add_callback(TrainingBar)
+        if self.args.get_process_log_level() > logging.INFO:
+            self.callback_handler.remove_callback(PrinterCallback)  # the dictionaries printed without tqdm
+            if not self.args.disable_tqdm:
+                self.callback_handler.remove_callback(ProgressCallback)
+                self.add_callback(TrainingBar)
         self.model_accepts_loss_kwargs = False
         self.embedding_lr_multiplier = float(embedding_lr_multiplier)
         model = self.accelerator.unwrap_model(self.model)

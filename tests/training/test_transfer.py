@@ -8,7 +8,7 @@ from helpers import marker_adata, write_h5ad
 from scrnalf_cli import main
 
 
-def test_transfer_writes_a_learning_curve_of_three_methods(tmp_path, caplog):
+def test_transfer_writes_a_learning_curve_of_three_methods(tmp_path, capsys):
     data = write_h5ad(marker_adata(n_cells=90), tmp_path)
     extra = marker_adata(n_cells=40, seed=3)
     extra = extra[:, ::-1].copy()  # other gene order
@@ -24,4 +24,4 @@ def test_transfer_writes_a_learning_curve_of_three_methods(tmp_path, caplog):
     ]
     assert all(0 <= r["macro_f1"] <= 1 for r in rows)
     assert (output / "learning_curve.png").stat().st_size > 0 and (output / "pretrained" / "model.safetensors").is_file()
-    assert "pretraining tiny on 112 unlabelled cells" in caplog.text  # 72 training cells + 40 of the extra file
+    assert "pretraining tiny on 112 unlabelled cells" in capsys.readouterr().err  # 72 training cells + 40 of the extra file
