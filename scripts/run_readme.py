@@ -3,7 +3,8 @@
 Fenced ``bash`` blocks run with ``bash -eo pipefail``, fenced ``python`` blocks with this Python;
 blocks without a language (diagrams) are not commands. The one line left out is the README's
 test command (``python -m pytest``): it is what runs this script's siblings, not something to
-run from inside them. Exits non-zero at the first block that fails, printing its output.
+run from inside them. Exits non-zero at the first block that fails or outruns ``--timeout``,
+printing its output.
 
     python scripts/run_readme.py [--readme README.md] [--list]
 
@@ -14,9 +15,13 @@ CI runs it on a fresh clone (``.ci/run``); it writes what a user following the R
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +41,33 @@ def runnable(language: str, code: str) -> str:
     return code
 
 
+def run_block(command: list[str], timeout_s: float) -> tuple[int | None, str]:
+    """Run one block in its own session; ``(exit status or None on timeout, stdout + stderr)``.
+
+    Output goes to a file, not a pipe, and the whole session is killed afterwards: a server a
+    block starts in the background must neither keep this script waiting nor outlive the block.
+    """
+    with tempfile.TemporaryFile(mode="w+") as output:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        output.seek(0)
+        return returncode, output.read()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--list", action="store_true", help="print the blocks instead of running them")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one block may run (default 1800)")
     args = parser.parse_args(argv)
     blocks = command_blocks(args.readme.read_text())
     for number, (language, code) in enumerate(blocks, 1):
@@ -51,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         command = ["bash", "-eo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
         started = time.perf_counter()
-        finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        returncode, output = run_block(command, args.timeout)
         seconds = time.perf_counter() - started
-        if finished.returncode != 0:
-            print(finished.stdout[-4000:], finished.stderr[-4000:], sep="\n", file=sys.stderr)
-            print(f"README block {number} ({language}) failed with exit status {finished.returncode} after {seconds:.0f} s.",
-                  file=sys.stderr)
+        if returncode != 0:
+            print(output[-8000:], file=sys.stderr)
+            reason = "timed out" if returncode is None else f"failed with exit status {returncode}"
+            print(f"README block {number} ({language}) {reason} after {seconds:.0f} s.", file=sys.stderr)
             return 1
         print(f"    ok in {seconds:.0f} s", flush=True)
     print(f"{len(blocks)} README command blocks ran as written.")

@@ -8,6 +8,13 @@ shows that uploads and downloads go through the real client code, not how huggin
 behaves (Xet storage, metadata rules, rate limits, tokens).
 """
 
-from .local_hub import HubError, LocalHub
-
 __all__ = ["HubError", "LocalHub"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so ``python -m scrnalf_hf.testing.local_hub`` runs the module once.
+    if name in __all__:
+        from . import local_hub
+
+        return getattr(local_hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

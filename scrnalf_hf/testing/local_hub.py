@@ -32,6 +32,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -643,7 +644,9 @@ def main(argv: list[str] | None = None) -> None:
     """Serve a local Hub until interrupted, e.g. to try ``scrnalf push`` without huggingface.co.
 
     ``python -m scrnalf_hf.testing.local_hub --root hub_storage --token hf_local=my-lab`` prints the
-    environment variables to export in the shell that pushes and loads.
+    environment variables to export in the shell that pushes and loads. With ``--detach`` the
+    server runs in its own session, the command returns once it answers, and the printed lines
+    add ``LOCAL_HUB_PID`` (``eval "$(python -m scrnalf_hf.testing.local_hub --detach ...)"``).
     """
     import argparse
 
@@ -652,6 +655,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--token", action="append", default=[], help="TOKEN=NAMESPACE[,NAMESPACE...] that may write; repeatable"
     )
+    parser.add_argument(
+        "--detach", action="store_true", help="serve in the background; print the exports once it answers, then return"
+    )
+    parser.add_argument("--env-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tokens = {}
     for item in args.token:
@@ -659,14 +666,51 @@ def main(argv: list[str] | None = None) -> None:
         if not token or not namespaces:
             parser.error(f"--token takes TOKEN=NAMESPACE[,NAMESPACE...], got {item!r}")
         tokens[token] = namespaces.split(",")
+    if args.detach:
+        _serve_detached([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--detach"])
+        return
     with LocalHub(root=args.root, tokens=tokens) as hub:
         first_token = next(iter(tokens), None)
-        for key, value in hub.client_environment(first_token).items():
-            print(f"export {key}={value}", flush=True)
+        exports = "".join(f"export {key}={value}\n" for key, value in hub.client_environment(first_token).items())
+        if args.env_file is not None:
+            partial = args.env_file.with_name(args.env_file.name + ".partial")
+            partial.write_text(exports)
+            partial.replace(args.env_file)
+        else:
+            print(exports, end="", flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
+
+
+def _serve_detached(arguments: list[str], timeout_s: float = 120.0) -> None:
+    """Start the server in a new session with no inherited pipes; print its exports once it is up.
+
+    A background server that kept the caller's stdout/stderr open would make anything waiting on
+    those pipes (a CI step, ``subprocess.run(capture_output=True)``) wait for ever.
+    """
+    import subprocess
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="local-hub-") as scratch:
+        env_file = Path(scratch) / "env"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "scrnalf_hf.testing.local_hub", *arguments, "--env-file", str(env_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not env_file.exists():
+            if server.poll() is not None:
+                raise SystemExit(f"local_hub: the server exited with status {server.returncode} before answering")
+            if time.monotonic() > deadline:
+                server.kill()
+                raise SystemExit(f"local_hub: the server did not answer within {timeout_s:.0f} s")
+            time.sleep(0.1)
+        print(env_file.read_text() + f"export LOCAL_HUB_PID={server.pid}", flush=True)
 
 
 if __name__ == "__main__":
