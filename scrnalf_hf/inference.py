@@ -74,10 +74,14 @@ def _predicting_task(model: ScrnaLongformerPreTrainedModel) -> Task:
 
 
 def _overlap(processor: ScrnaLongformerProcessor, gene_names, gene_ids, where: str) -> dict:
-    """Which panel genes the input measures (checked against the processor's thresholds)."""
+    """Which panel genes the input measures (checked against the processor's thresholds).
+
+    ``"report"`` is the line the run logs once the first chunk has gone through the model, so that
+    input refused on its values ends in the error alone.
+    """
     alignment = processor.align_genes(gene_names, gene_ids)
-    logger.info("reading %s: %s", where, alignment)
     return {
+        "report": f"reading {where}: {alignment}",
         "matrix": where,
         "panel_genes": alignment.n_vocab,
         "matched_genes": alignment.n_matched,
@@ -97,6 +101,7 @@ def _annotated_chunks(
     gene_names: list[str],
     gene_ids: list[str] | None,
     where: str,
+    overlap_report: str,
 ) -> Iterator[tuple[int, ad.AnnData]]:
     """For each ``(first row, cells × genes matrix)`` chunk, an AnnData of those cells (no X)
     holding what the run writes: the task's predictions (``task`` None: none) and the embeddings."""
@@ -108,6 +113,8 @@ def _annotated_chunks(
         if task is not None:
             task.write_predictions(cells, task.predictions(output.logits.float().numpy()), model.config)
         cells.obsm[EMBEDDING_KEY] = output.cell_embedding.float().numpy()
+        if first == 0:
+            logger.info(overlap_report)
         yield first, cells
 
 
@@ -134,7 +141,7 @@ def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int) ->
     matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
     overlap = _overlap(processor, names, ids, where)
     chunks = ((first, matrix[first : first + batch_size]) for first in range(0, adata.n_obs, batch_size))
-    parts = [cells for _, cells in _annotated_chunks(model, processor, task, chunks, adata.obs, names, ids, where)]
+    parts = [cells for _, cells in _annotated_chunks(model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"))]
     if parts:
         written = ad.concat(parts, merge="first", uns_merge="first")
         for column in _written_columns(written):
@@ -257,7 +264,7 @@ def _process_file(
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
                     model, processor, task, source.row_chunks(batch_size), source.obs, source.gene_symbols,
-                    source.gene_ids, where,
+                    source.gene_ids, where, overlap.pop("report"),
                 )
                 for first, cells in chunks:
                     writer.add(first, cells)
