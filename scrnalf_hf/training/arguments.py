@@ -119,6 +119,9 @@ COMMON_DEFAULTS = (
     "--remove_unused_columns", "false",
     # Every parameter of a head gets a gradient from its loss, so DDP needs no unused-parameter search.
     "--ddp_find_unused_parameters", "false",
+    # transformers hides its bar whenever its logger is quieter than WARN, as the CLI sets it: keep
+    # the one training bar (ScrnaTrainer's TrainingBar) so that a long run shows it is moving.
+    "--disable_tqdm", "false",
 )
 
 # What each command trains by default, and its split fractions (test, validation).

@@ -368,7 +368,11 @@ def fit_baselines(
 
 
 def split_record(cells: Cells, train_rows, validation_fraction: float, test_rows, seed: int) -> dict:
-    """What identifies a run's split: resuming with another one would score trained-on cells."""
+    """What identifies a run's split: resuming with another one would score trained-on cells.
+
+    ``held_out_cell_ids`` names the cells the run scored (``obs_names`` of the input), so that
+    anyone can score the saved model, or another method, on exactly those cells later.
+    """
 
     def digest(values) -> str:
         return hashlib.sha256(np.asarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
@@ -381,6 +385,7 @@ def split_record(cells: Cells, train_rows, validation_fraction: float, test_rows
         "train": digest(train_rows),
         "test": digest(test_rows),
         "validation_fraction": float(validation_fraction),
+        "held_out_cell_ids": [str(cell_ids[row]) for row in np.asarray(test_rows, dtype=np.int64)],
     }
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -58,6 +59,9 @@ def test_finetune_command_writes_a_pushable_folder_that_beats_the_majority(marke
     assert eval_results["eval_macro_f1"] == pytest.approx(summary["metrics"]["macro_f1"])
     assert summary["n_train_cells"] + summary["n_validation_cells"] + summary["n_eval_cells"] == 150
     assert summary["metrics"]["macro_f1"] > summary["baselines"]["majority"]["macro_f1"] + 0.4
+    held_out = json.loads((output / "split.json").read_text())["held_out_cell_ids"]
+    assert len(held_out) == len(set(held_out)) == summary["n_eval_cells"]
+    assert set(held_out) < set(ad.read_h5ad(marker_file).obs_names)
     for key in ("train_seconds", "train_cells_per_second", "inference_cells_per_second", "hardware", "n_parameters", "preset", "dataset", "label_key"):
         assert summary[key] not in (None, ""), key
     training = summary["training"]
