@@ -57,6 +57,11 @@ def load_model(
         model_class = task.model_class if head and task is not None else ScrnaLongformerModel
         model = model_class.from_pretrained(model_name_or_path, config=config, revision=revision)
         processor = ScrnaLongformerProcessor.from_pretrained(model_name_or_path, revision=revision)
+    if processor.n_genes != config.n_genes:
+        raise ValueError(
+            f"{model_name_or_path}: its processor's gene panel has {processor.n_genes} genes but the model was built for "
+            f"{config.n_genes}; the processor and the model must be saved from the same run."
+        )
     return model, processor
 
 
@@ -177,9 +182,9 @@ def predict(
 
 def _file_matrix_arguments(processor: ScrnaLongformerProcessor, path: Path, layer, use_raw) -> dict:
     """``open_anndata`` arguments selecting the matrix the processor reads in the file at ``path``."""
-    import h5py
+    from .data.anndata_io import _open_h5ad
 
-    with h5py.File(path, "r") as handle:
+    with _open_h5ad(path) as handle:  # a clear error for a file that is not a complete .h5ad
         layers = list(handle["layers"].keys()) if "layers" in handle else []
         has_raw = "raw" in handle and "X" in handle["raw"]
     shape = SimpleNamespace(layers=dict.fromkeys(layers), raw=object() if has_raw else None)
@@ -251,6 +256,11 @@ def _process_file(
     try:
         with open_anndata(input_path, require_counts=False, **_file_matrix_arguments(processor, input_path, layer, use_raw)) as source:
             where = source.matrix_name
+            if source.n_cells == 0 or source.n_genes == 0:
+                raise ValueError(
+                    f"{input_path} has {source.n_cells} cells × {source.n_genes} genes in {where}: nothing to "
+                    f"{'predict' if head else 'embed'}. Check the filters that made it."
+                )
             overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where)
             shutil.copyfile(input_path, staging)
             with h5py.File(staging, "r+") as handle:
