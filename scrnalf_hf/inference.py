@@ -262,7 +262,12 @@ def _process_file(
                     f"{'predict' if head else 'embed'}. Check the filters that made it."
                 )
             overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where)
-            shutil.copyfile(input_path, staging)
+            try:
+                shutil.copyfile(input_path, staging)
+            except PermissionError as error:
+                raise PermissionError(
+                    f"cannot write in {output_path.parent} ({error.strerror}); choose an --output folder you can write to."
+                ) from error
             with h5py.File(staging, "r+") as handle:
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
@@ -280,7 +285,12 @@ def _process_file(
 
 def _check_output(output_path: Path, overwrite: bool) -> None:
     """An existing output is replaced only with ``overwrite``, and only if this tool wrote it."""
+    if output_path.is_dir():
+        raise IsADirectoryError(f"--output {output_path} is a folder; give the path of the .h5ad file to write.")
     if not output_path.exists():
+        above = next((folder for folder in output_path.parents if folder.exists()), None)
+        if above is not None and not above.is_dir():
+            raise NotADirectoryError(f"--output {output_path} lies under {above}, which is a file; choose another --output.")
         if not output_path.parent.is_dir():
             raise FileNotFoundError(f"the folder of --output {output_path} does not exist.")
         return

@@ -132,6 +132,8 @@ def targets_table(folder: str | Path) -> str:
 def update_readme(readme: str | Path, folder: str | Path) -> None:
     """Replace the README text between the targets markers with :func:`targets_table`."""
     readme = Path(readme)
+    if not readme.is_file():
+        raise FileNotFoundError(f"--readme {readme} does not exist; give the README holding the {START} … {END} markers.")
     text = readme.read_text()
     if START not in text or END not in text:
         raise ValueError(f"{readme} has no {START} … {END} markers to fill.")

@@ -494,7 +494,12 @@ def convert_anndata(
         bounds = _shard_bounds(source.n_cells, cells_per_shard, num_proc)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = _sibling(output_dir, "incomplete")
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except PermissionError as error:
+            raise PermissionError(
+                f"cannot write in {output_dir.parent} ({error.strerror}); choose an output folder you can write to."
+            ) from error
         try:
             _record_writer(staging)
             jobs = [
@@ -603,6 +608,9 @@ def _check_output_target(output_dir: Path) -> None:
             f"{output_dir} is a file, not a folder; convert writes a dataset folder and never replaces a file, "
             "even with overwrite=True (--overwrite). Choose another output path or move the file away."
         )
+    above = next((folder for folder in output_dir.parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(f"{output_dir} lies under {above}, which is a file; choose an output folder elsewhere.")
 
 
 def _check_replaceable(output_dir: Path) -> None:

@@ -243,7 +243,11 @@ def parse_arguments(argv: list[str], command: str = "finetune"):
     overrides them (argparse keeps the last). Unset split fractions take the command's."""
     task = get_task(_task_name(argv, command))
     defaults = task_defaults(task)
-    data_args, model_args, training_args = build_parser().parse_args_into_dataclasses(args=defaults + list(argv))
+    data_args, model_args, training_args, unknown = build_parser().parse_args_into_dataclasses(
+        args=defaults + list(argv), return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(f"unrecognised arguments: {' '.join(unknown)} (see `scrnalf {command} --help`)")
     check_training_arguments(training_args)
     model_args.task = task.name
     test_fraction, validation_fraction = COMMAND_FRACTIONS[command]
