@@ -483,8 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every failure ends in one line unless --debug
         if args.debug:
             raise
+        from huggingface_hub.errors import StrictDataclassError
+
         from scrnalf_hf.hub.push import HubPushError
 
+        if isinstance(error, StrictDataclassError) and isinstance(error.__cause__, ValueError):
+            error = error.__cause__  # a config value refused by its validator (e.g. --config-overrides knn_k=0)
         text = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, USER_ERRORS + (HubPushError,)):
             text = f"{type(error).__name__}: {text} (unexpected; run with --debug for the traceback)"

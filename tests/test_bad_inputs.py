@@ -154,6 +154,12 @@ def variant(kind: str) -> ad.AnnData:
     return adata
 
 
+def renamed_labels() -> ad.AnnData:
+    adata = cells_adata()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories(["A", "B", "C"])
+    return adata
+
+
 def text_file(t: Path, name: str = "bad.h5ad", content: str = "cell,GENE0\ncell0,1\n") -> Path:
     path = t / name
     path.write_text(content)
@@ -407,6 +413,8 @@ def _convert_cases() -> list[Case]:
         Case("convert-missing-species-key", c, "--species-key names no obs column",
              lambda w, t, mp: conv(w.good, t, "--species-key", "organism")),
         Case("convert-missing-batch-key", c, "--batch-key names no obs column", lambda w, t, mp: conv(w.good, t, "--batch-key", "batch")),
+        Case("convert-species-and-species-key", c, "--species and --species-key together (conflicting)",
+             lambda w, t, mp: conv(w.good, t, "--species", "human", "--species-key", "cell_type"), "not both"),
         Case("convert-chunk-size-zero", c, "--chunk-size 0", lambda w, t, mp: conv(w.good, t, "--chunk-size", "0"), ">= 1"),
         Case("convert-num-proc-zero", c, "--num-proc 0", lambda w, t, mp: conv(w.good, t, "--num-proc", "0"), ">= 1"),
         Case("convert-chunk-size-not-a-number", c, "--chunk-size ten", lambda w, t, mp: conv(w.good, t, "--chunk-size", "ten"), "invalid int"),
@@ -485,6 +493,8 @@ def _finetune_cases() -> list[Case]:
              lambda w, t, mp: ft(w.good, t, *TRAIN, "--config-overrides", "pooling"), "field=value"),
         Case("finetune-unknown-config-field", c, "--config-overrides names no config field",
              lambda w, t, mp: ft(w.good, t, *TRAIN, "--config-overrides", "poolin=cls"), "poolin"),
+        Case("finetune-invalid-config-value", c, "--config-overrides knn_k=0 (a value the config refuses)",
+             lambda w, t, mp: ft(w.good, t, *TRAIN, "--config-overrides", "knn_k=0"), "knn_k must be >= 1"),
         Case("finetune-n-top-genes-zero", c, "--n-top-genes 0", lambda w, t, mp: ft(w.good, t, *TRAIN, "--n-top-genes", "0")),
         Case("finetune-n-top-genes-with-model", c, "--n-top-genes with --model (conflicting)",
              lambda w, t, mp: ft(w.good, t, "--model", w.classifier, "--num_train_epochs", "1", "--n-top-genes", "20"), "n-top-genes"),
@@ -567,6 +577,8 @@ def _compare_cases() -> list[Case]:
              "not found"),
         Case("compare-test-file-nan", c, "--test-file holds a NaN",
              lambda w, t, mp: cmp(w.good, t, "--test-file", h5(t, variant("nan"), "nan.h5ad")), "NaN"),
+        Case("compare-test-file-other-labels", c, "--test-file whose labels share none with --train-file",
+             lambda w, t, mp: cmp(w.good, t, "--test-file", h5(t, renamed_labels(), "renamed.h5ad")), "none of the test labels"),
         Case("compare-validation-fraction-one", c, "--validation-fraction 1.0",
              lambda w, t, mp: cmp(w.good, t, "--methods", "tiny", "--validation-fraction", "1.0", "--num-train-epochs", "1"), r"\[0, 1\)"),
         Case("compare-malformed-config-overrides", c, "--config-overrides without '='",
@@ -646,6 +658,8 @@ def _model_on_anndata_cases(c: str) -> list[Case]:
              lambda w, t, mp: run(w.good, t, model=w.masked, w=w), "embed"),
         Case(f"{c}-missing-layer", c, "--layer names no layer", lambda w, t, mp: run(w.good, t, "--layer", "spliced", w=w), "layer"),
         Case(f"{c}-use-raw-without-raw", c, "--use-raw on an input without .raw", lambda w, t, mp: run(w.good, t, "--use-raw", w=w), "raw"),
+        Case(f"{c}-layer-and-use-raw", c, "--layer and --use-raw together (conflicting)",
+             lambda w, t, mp: run(w.good, t, "--layer", "X", "--use-raw", w=w), "not both"),
         Case(f"{c}-inf", c, "an infinite value in the input", data("inf"), "infinite"),
         Case(f"{c}-negative", c, "scaled (negative) values in the input", data("scaled"), "negative"),
         Case(f"{c}-log1p-for-counts-model", c, "log-normalised input for a model trained on counts", data("log1p"), "non-integer"),
@@ -716,6 +730,15 @@ def _benchmark_cases() -> list[Case]:
     ]
 
 
+def _presets_cases() -> list[Case]:
+    c = "presets"
+    return [
+        Case("presets-n-genes-zero", c, "--n-genes 0", lambda w, t, mp: cli(c, "--n-genes", "0"), "positive"),
+        Case("presets-num-labels-zero", c, "--num-labels 0 (a classifier of no class)", lambda w, t, mp: cli(c, "--num-labels", "0"), "positive"),
+        Case("presets-n-genes-not-a-number", c, "--n-genes many", lambda w, t, mp: cli(c, "--n-genes", "many"), "invalid int"),
+    ]
+
+
 REPO_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu-2core"
 
 
@@ -748,6 +771,8 @@ def _api_cases() -> list[Case]:
         Case("api-processor-anndata-nan", c, "processor on an AnnData with NaN", lambda w, t, mp: api(lambda: processor()(variant("nan"))), "NaN"),
         Case("api-processor-anndata-missing-layer", c, "processor on an AnnData, layer= that does not exist",
              lambda w, t, mp: api(lambda: processor()(cells_adata(), layer="spliced")), "layer"),
+        Case("api-processor-layer-and-use-raw", c, "processor on an AnnData with layer= and use_raw=True",
+             lambda w, t, mp: api(lambda: processor()(cells_adata(), layer="X", use_raw=True)), "not both"),
         Case("api-processor-empty-panel", c, "ScrnaLongformerProcessor(gene_symbols=[])",
              lambda w, t, mp: api(lambda: type(processor())(gene_symbols=[])), "empty"),
         Case("api-processor-bad-input-kind", c, "ScrnaLongformerProcessor(input_kind='tpm')",
@@ -790,6 +815,7 @@ CASES: list[Case] = [
     *_model_on_anndata_cases("embed"),
     *_push_cases(),
     *_benchmark_cases(),
+    *_presets_cases(),
     *_api_cases(),
 ]
 
@@ -926,7 +952,7 @@ def test_the_suite_is_large_and_ids_are_unique():
     assert len(ids) == len(set(ids))
     assert len(CASES) >= 100
     commands = {case.command for case in CASES}
-    assert {"convert", "finetune", "pretrain", "compare", "predict", "embed", "push", "benchmark", "api"} <= commands
+    assert {"convert", "finetune", "pretrain", "compare", "predict", "embed", "push", "benchmark", "presets", "api"} <= commands
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1028,6 +1054,39 @@ def _cell(text: str, limit: int = REPORT_WIDTH) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+README = REPORT.parent.parent / "README.md"
+README_START, README_END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
+
+
+def command_label(command: str) -> str:
+    return "Python API" if command == "api" else f"`scrnalf {command}`"
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    """Per command (``rows``: (command label, outcome) per case): inputs tried and outcomes."""
+    labels = list(dict.fromkeys(label for label, _ in rows))
+    header = ["command", "inputs tried", "clear one-line errors", "silent wrong answers", "corrupted or lost outputs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def line(name, outcomes):
+        counts = [len(outcomes)] + [sum(o == outcome for o in outcomes) for outcome in (CLEAR, SILENT, DAMAGED)]
+        return f"| {name} | " + " | ".join(str(count) for count in counts) + " |"
+
+    for label in labels:
+        lines.append(line(label, [outcome for name, outcome in rows if name == label]))
+    lines.append(line("**all**", [outcome for _, outcome in rows]))
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path = README) -> None:
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise RuntimeError(f"{readme} has no {README_START} … {README_END} markers for the bad-input summary.")
+    before, rest = text.split(README_START, 1)
+    _, after = rest.split(README_END, 1)
+    readme.write_text(f"{before}{README_START}\n{table}{README_END}{after}")
+
+
 def render_report(results: dict[str, dict]) -> str:
     rows = [results[case.id] for case in CASES]
     counts = {outcome: sum(r["outcome"] == outcome for r in rows) for outcome in OUTCOMES}
@@ -1053,6 +1112,7 @@ def render_report(results: dict[str, dict]) -> str:
         f"- corrupted or lost outputs: **{counts[DAMAGED]}**",
         f"- unclear errors: **{counts[UNCLEAR]}**",
         "",
+        summary_table([(command_label(r["case"].command), r["outcome"]) for r in rows]),
         "The CLI's message is shown after its `scrnalf <command>: error: ` prefix.",
         "",
         "| # | case | command | bad input or fault | what the user gets | outcome |",
@@ -1060,7 +1120,7 @@ def render_report(results: dict[str, dict]) -> str:
     ]
     for number, row in enumerate(rows, 1):
         case = row["case"]
-        command = "Python API" if case.command == "api" else f"`scrnalf {case.command}`"
+        command = command_label(case.command)
         gets = row["message"].split(": error: ", 1)[-1] if case.command != "api" else row["message"]
         lines.append(f"| {number} | `{case.id}` | {command} | {_cell(case.bad)} | {_cell(gets)} | {row['outcome']} |")
     lines += [
@@ -1089,6 +1149,8 @@ def _write_report(request):
         raise RuntimeError(f"--bad-inputs-report needs every case to run; not run: {missing[:10]}")
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_text(render_report(RESULTS))
+    if Path(target).resolve() == REPORT:  # the committed report: the README quotes its summary
+        update_readme(summary_table([(command_label(RESULTS[c.id]["case"].command), RESULTS[c.id]["outcome"]) for c in CASES]))
 
 
 def test_report_lists_every_case(request):
@@ -1100,3 +1162,7 @@ def test_report_lists_every_case(request):
     assert listed == [case.id for case in CASES], "docs/bad_inputs.md is stale: regenerate it (see its header)"
     assert f"- inputs tried: **{len(CASES)}**" in text
     assert "- silent wrong answers: **0**" in text and "- corrupted or lost outputs: **0**" in text
+    outcomes = re.findall(r"^\| \d+ \| `[^`]+` \| ([^|]+) \|.*\| ([^|]+) \|$", text, flags=re.MULTILINE)
+    table = summary_table([(label.strip(), outcome.strip()) for label, outcome in outcomes])
+    assert table in text
+    assert f"{README_START}\n{table}{README_END}" in README.read_text(), "the README's bad-input summary is stale: regenerate it"

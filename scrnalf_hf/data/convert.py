@@ -195,6 +195,11 @@ def _plan_conversion(
     chunk_size: int,
 ) -> _ConversionPlan:
     """Checks cells and columns, then fixes the dataset's features (label names included)."""
+    if species is not None and species_key is not None:
+        raise ValueError(
+            f"give species= (--species, one species for every cell) or species_key= (--species-key, an obs column), "
+            f"not both; got {species!r} and {species_key!r}."
+        )
     check_cells_and_labels(source, label_key, [k for k in (species_key, batch_key, *obs_keys) if k is not None])
     columns: dict[str, datasets.features.features.FeatureType] = {
         "cell_id": datasets.Value("string"),
