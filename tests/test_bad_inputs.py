@@ -209,6 +209,13 @@ def model_copy(w: World, t: Path, breakage: str) -> Path:
     return folder
 
 
+def finished_run(w: World, t: Path) -> Path:
+    """A folder as a finished finetune run leaves it: the saved model and its split.json."""
+    run = copy_folder(w.classifier, t, "run")
+    (run / "split.json").write_text(json.dumps({"seed": 0, "n_cells": 90}))
+    return run
+
+
 def hub_copy(w: World, t: Path, breakage: str | None = None) -> Path:
     folder = copy_folder(w.hub, t, "scrna-longformer-tiny")
     if breakage == "no_card":
@@ -513,6 +520,13 @@ def _finetune_cases() -> list[Case]:
         Case("finetune-output-parent-is-file", c, "--output-dir's parent is a file",
              lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir", with_existing(t / "parent") / "out",
                                   *TRAIN, protect=[t / "parent"])),
+        Case("finetune-output-holds-finished-run", c, "--output-dir holds a finished run, no --overwrite",
+             lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir", finished_run(w, t), *TRAIN,
+                                  protect=[t / "run"]), "finished run"),
+        Case("finetune-output-foreign-folder", c, "--output-dir is a folder of the user's own files",
+             lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir",
+                                  with_existing(t / "mine" / "README.md", "# my notes\n").parent, *TRAIN, protect=[t / "mine"]),
+             "not a scrnalf run"),
         Case("finetune-resume-other-data", c, "--resume_from_checkpoint on a run of other cells",
              lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir",
                                   with_existing(t / "run" / "split.json", json.dumps({"n_cells": 5})).parent, *TRAIN,
@@ -539,6 +553,9 @@ def _pretrain_cases() -> list[Case]:
              lambda w, t, mp: pt(w.good, t, *TRAIN, "--validation_fraction", "1.5"), r"\[0, 1\)"),
         Case("pretrain-model-no-gene-overlap", c, "--model whose panel shares no gene with the data",
              lambda w, t, mp: pt(h5(t, variant("other_genes")), t, "--model", w.masked, "--num_train_epochs", "1"), "overlap"),
+        Case("pretrain-output-holds-finished-run", c, "--output-dir holds a finished run, no --overwrite",
+             lambda w, t, mp: cli(c, "--train-file", w.good, "--output-dir", finished_run(w, t), *TRAIN, protect=[t / "run"]),
+             "finished run"),
         Case("pretrain-output-parent-is-file", c, "--output-dir's parent is a file",
              lambda w, t, mp: cli("pretrain", "--train-file", w.good, "--output-dir", with_existing(t / "parent") / "out", *TRAIN,
                                   protect=[t / "parent"])),

@@ -64,6 +64,10 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "dataset name for reports and the model card."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a finished run in --output-dir (without it, a trained model there is never replaced)."},
+    )
 
 
 @dataclass

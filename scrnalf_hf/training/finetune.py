@@ -415,6 +415,27 @@ def check_output_folder(output_dir: str | Path, flag: str = "--output-dir") -> P
     return output_dir
 
 
+def check_run_folder(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """An existing ``--output-dir`` is written into only if it is empty or a run of this command
+    (``split.json``), and a finished run (a saved model) only with ``overwrite`` or to resume it."""
+    if resume or not output_dir.is_dir():
+        return
+    contents = sorted(path.name for path in output_dir.iterdir())
+    if not contents:
+        return
+    if "split.json" not in contents:
+        raise FileExistsError(
+            f"--output-dir {output_dir} exists and holds files that are not a scrnalf run ({contents[:5]}); "
+            "choose a new or empty folder."
+        )
+    finished = [name for name in ("model.safetensors", "training_summary.json") if name in contents]
+    if finished and not overwrite:
+        raise FileExistsError(
+            f"--output-dir {output_dir} holds a finished run ({', '.join(finished)}); choose a new --output-dir, "
+            "pass --overwrite to replace it, or --resume-from-checkpoint true to continue it."
+        )
+
+
 def train_from_arguments(data_args, model_args, training_args) -> dict:
     """``scrnalf finetune`` / ``scrnalf pretrain``: read the cells, split them, train, score the
     held-out cells next to the baselines, and write the Hub-ready output folder
@@ -444,6 +465,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
             if given:
                 raise ValueError(f"{flag} does not apply to {task.summary}; drop it.")
     output_dir = check_output_folder(training_args.output_dir)
+    check_run_folder(output_dir, getattr(data_args, "overwrite", False), bool(training_args.resume_from_checkpoint))
     overrides = parse_config_overrides(model_args.config_overrides)
     cells = open_cells(
         data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
