@@ -51,6 +51,11 @@ def load_model(
     ``architectures``), else the bare encoder (any checkpoint embeds cells)."""
     from .hub.folder import model_source_errors
 
+    if revision is not None and Path(model_name_or_path).exists():
+        raise ValueError(
+            f"--revision {revision} pins a commit of a Hub repo, but {model_name_or_path} is a local folder, which has no "
+            "revisions; drop --revision, or give the repo id."
+        )
     with model_source_errors(model_name_or_path):
         config = ScrnaLongformerConfig.from_pretrained(model_name_or_path, revision=revision)
         task = task_for_model(config)

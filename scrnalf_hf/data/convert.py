@@ -221,6 +221,9 @@ def _plan_conversion(
         columns["species"] = datasets.Value("string")
     if batch_key is not None:
         columns["batch"] = datasets.Value("string")
+    repeated = sorted({key for key in obs_keys if list(obs_keys).count(key) > 1})
+    if repeated:
+        raise ValueError(f"obs_keys (--obs-keys) lists {repeated} more than once; give each column once.")
     for key in obs_keys:
         if key in columns:
             raise ValueError(f"obs column {key!r} would clash with the dataset column of the same name; rename it.")
