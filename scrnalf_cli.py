@@ -22,8 +22,17 @@ DESCRIPTION = (
     "single-cell RNA-seq, on AnnData with Hugging Face transformers. Start with `scrnalf demo`."
 )
 # Exceptions that mean "the input or the request is wrong", not "the program is broken".
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+# OSError covers the environment's refusals too (a full disk, a read-only folder): not a bug either.
+USER_ERRORS = (ValueError, OSError)
 GLOBAL_FLAGS = ("--debug", "--verbose")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line like every other error (``scrnalf <command>: error: ...``),
+    without the usage block; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -379,7 +388,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scrnalf", description=DESCRIPTION, formatter_class=_Formatter)
+    parser = _Parser(prog="scrnalf", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"scrnalf-hf {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (anywhere on the line)")
     parser.add_argument("--verbose", action="store_true", help="show transformers' and Trainer's logs (anywhere on the line)")
@@ -461,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "passes_flags_on", False):
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        print(f"scrnalf {args.command}: error: unrecognised arguments: {' '.join(rest)} (see `scrnalf {args.command} --help`)",
+              file=sys.stderr)
+        return 2
     args.extra_args, args.debug, args.verbose = rest, flags["--debug"], flags["--verbose"]
     try:
         with _output(args.verbose):
@@ -472,8 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every failure ends in one line unless --debug
         if args.debug:
             raise
+        from huggingface_hub.errors import StrictDataclassError
+
         from scrnalf_hf.hub.push import HubPushError
 
+        if isinstance(error, StrictDataclassError) and isinstance(error.__cause__, ValueError):
+            error = error.__cause__  # a config value refused by its validator (e.g. --config-overrides knn_k=0)
         text = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, USER_ERRORS + (HubPushError,)):
             text = f"{type(error).__name__}: {text} (unexpected; run with --debug for the traceback)"

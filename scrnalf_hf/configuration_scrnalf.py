@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 ATTENTION_TYPES = ("knn", "dense", "linear")
@@ -134,7 +135,10 @@ class ScrnaLongformerConfig(PreTrainedConfig):
         settings = json.loads(path.read_text())
         settings.pop("model_type", None)
         settings.update(overrides)
-        return cls(**settings)
+        try:
+            return cls(**settings)
+        except StrictDataclassError as error:  # a validator's ValueError, wrapped by @strict: raise it as such
+            raise ValueError(str(error.__cause__ or error)) from error
 
     @property
     def head_dim(self) -> int:

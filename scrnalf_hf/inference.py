@@ -51,12 +51,22 @@ def load_model(
     ``architectures``), else the bare encoder (any checkpoint embeds cells)."""
     from .hub.folder import model_source_errors
 
+    if revision is not None and Path(model_name_or_path).exists():
+        raise ValueError(
+            f"--revision {revision} pins a commit of a Hub repo, but {model_name_or_path} is a local folder, which has no "
+            "revisions; drop --revision, or give the repo id."
+        )
     with model_source_errors(model_name_or_path):
         config = ScrnaLongformerConfig.from_pretrained(model_name_or_path, revision=revision)
         task = task_for_model(config)
         model_class = task.model_class if head and task is not None else ScrnaLongformerModel
         model = model_class.from_pretrained(model_name_or_path, config=config, revision=revision)
         processor = ScrnaLongformerProcessor.from_pretrained(model_name_or_path, revision=revision)
+    if processor.n_genes != config.n_genes:
+        raise ValueError(
+            f"{model_name_or_path}: its processor's gene panel has {processor.n_genes} genes but the model was built for "
+            f"{config.n_genes}; the processor and the model must be saved from the same run."
+        )
     return model, processor
 
 
@@ -184,9 +194,9 @@ def predict(
 
 def _file_matrix_arguments(processor: ScrnaLongformerProcessor, path: Path, layer, use_raw) -> dict:
     """``open_anndata`` arguments selecting the matrix the processor reads in the file at ``path``."""
-    import h5py
+    from .data.anndata_io import _open_h5ad
 
-    with h5py.File(path, "r") as handle:
+    with _open_h5ad(path) as handle:  # a clear error for a file that is not a complete .h5ad
         layers = list(handle["layers"].keys()) if "layers" in handle else []
         has_raw = "raw" in handle and "X" in handle["raw"]
     shape = SimpleNamespace(layers=dict.fromkeys(layers), raw=object() if has_raw else None)
@@ -258,8 +268,18 @@ def _process_file(
     try:
         with open_anndata(input_path, require_counts=False, **_file_matrix_arguments(processor, input_path, layer, use_raw)) as source:
             where = source.matrix_name
+            if source.n_cells == 0 or source.n_genes == 0:
+                raise ValueError(
+                    f"{input_path} has {source.n_cells} cells × {source.n_genes} genes in {where}: nothing to "
+                    f"{'predict' if head else 'embed'}. Check the filters that made it."
+                )
             overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where)
-            shutil.copyfile(input_path, staging)
+            try:
+                shutil.copyfile(input_path, staging)
+            except PermissionError as error:
+                raise PermissionError(
+                    f"cannot write in {output_path.parent} ({error.strerror}); choose an --output folder you can write to."
+                ) from error
             with h5py.File(staging, "r+") as handle:
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
@@ -277,7 +297,12 @@ def _process_file(
 
 def _check_output(output_path: Path, overwrite: bool) -> None:
     """An existing output is replaced only with ``overwrite``, and only if this tool wrote it."""
+    if output_path.is_dir():
+        raise IsADirectoryError(f"--output {output_path} is a folder; give the path of the .h5ad file to write.")
     if not output_path.exists():
+        above = next((folder for folder in output_path.parents if folder.exists()), None)
+        if above is not None and not above.is_dir():
+            raise NotADirectoryError(f"--output {output_path} lies under {above}, which is a file; choose another --output.")
         if not output_path.parent.is_dir():
             raise FileNotFoundError(f"the folder of --output {output_path} does not exist.")
         return

@@ -22,8 +22,11 @@ def preset_parameter_counts(n_genes: int = 500, num_labels: int = 9) -> dict[str
 def print_preset_table(n_genes: int = 500, num_labels: int = 9) -> None:
     from .configuration_scrnalf import ScrnaLongformerConfig
 
+    if n_genes < 1 or num_labels < 1:
+        raise ValueError(f"--n-genes and --num-labels must be positive, got {n_genes} and {num_labels}.")
+    counts = preset_parameter_counts(n_genes, num_labels)  # before printing: no half-printed table on an error
     print(f"| preset | d_model | depth | heads | mlp_ratio | parameters ({n_genes} genes, {num_labels} classes) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, count in preset_parameter_counts(n_genes, num_labels).items():
+    for name, count in counts.items():
         config = ScrnaLongformerConfig.from_preset(name)
         print(f"| {name} | {config.d_model} | {config.depth} | {config.n_heads} | {config.mlp_ratio:g} | {count:,} |")

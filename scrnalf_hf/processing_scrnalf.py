@@ -367,6 +367,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         trained); else, as ``scrnalf convert`` does, the first present of ``layers["counts"]``,
         ``.raw``, ``X`` for a counts processor and ``X`` for a log1p one.
         """
+        if use_raw and layer is not None:
+            raise ValueError(f"choose either layer= (--layer {layer}) or use_raw=True (--use-raw), not both.")
         if use_raw:
             return "raw"
         if layer is not None:

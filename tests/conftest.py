@@ -37,3 +37,11 @@ def trained_tiny_folder(tmp_path_factory):
     processor.save_pretrained(folder)
     np.savez(folder / "inputs.npz", counts=counts, genes=np.array(genes))
     return folder
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--bad-inputs-report", default=None, metavar="PATH",
+        help="write the table of tests/test_bad_inputs.py (every bad input and what the user gets) to PATH, "
+        "e.g. docs/bad_inputs.md",
+    )

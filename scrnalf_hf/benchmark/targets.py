@@ -25,7 +25,12 @@ KNN_ROWS = ("knn (simulated graph)", "knn (window graph)")
 
 def _load(folder: Path, name: str) -> dict | None:
     path = folder / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); run the benchmark again.") from error
 
 
 def _section(inference: dict, preset: str, n_genes: int) -> dict | None:
@@ -47,8 +52,24 @@ def _per_graph(models: dict, key: str, scale: float = 1.0) -> list[tuple[str, fl
 
 def target_rows(folder: str | Path) -> list[list[str]]:
     """[target, measured, met] per roadmap target found in ``folder``'s benchmark JSONs; a target
-    is met when every knn graph meets it."""
+    is met when every knn graph meets it.
+
+    Raises:
+        ValueError: a JSON that is not a ``scrnalf benchmark`` result (unreadable or another layout).
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no benchmark folder at {folder}; give the --output-dir a benchmark wrote.")
+    try:
+        return _target_rows(folder)
+    except (KeyError, TypeError, IndexError, AttributeError) as error:
+        raise ValueError(
+            f"the benchmark JSONs in {folder} do not have the layout `scrnalf benchmark` writes "
+            f"({type(error).__name__}: {error}); run the benchmarks again into this folder."
+        ) from error
+
+
+def _target_rows(folder: Path) -> list[list[str]]:
     rows = []
 
     def add(target, measured, fmt, passes):
@@ -111,6 +132,8 @@ def targets_table(folder: str | Path) -> str:
 def update_readme(readme: str | Path, folder: str | Path) -> None:
     """Replace the README text between the targets markers with :func:`targets_table`."""
     readme = Path(readme)
+    if not readme.is_file():
+        raise FileNotFoundError(f"--readme {readme} does not exist; give the README holding the {START} … {END} markers.")
     text = readme.read_text()
     if START not in text or END not in text:
         raise ValueError(f"{readme} has no {START} … {END} markers to fill.")

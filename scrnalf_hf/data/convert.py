@@ -195,6 +195,11 @@ def _plan_conversion(
     chunk_size: int,
 ) -> _ConversionPlan:
     """Checks cells and columns, then fixes the dataset's features (label names included)."""
+    if species is not None and species_key is not None:
+        raise ValueError(
+            f"give species= (--species, one species for every cell) or species_key= (--species-key, an obs column), "
+            f"not both; got {species!r} and {species_key!r}."
+        )
     check_cells_and_labels(source, label_key, [k for k in (species_key, batch_key, *obs_keys) if k is not None])
     columns: dict[str, datasets.features.features.FeatureType] = {
         "cell_id": datasets.Value("string"),
@@ -216,6 +221,9 @@ def _plan_conversion(
         columns["species"] = datasets.Value("string")
     if batch_key is not None:
         columns["batch"] = datasets.Value("string")
+    repeated = sorted({key for key in obs_keys if list(obs_keys).count(key) > 1})
+    if repeated:
+        raise ValueError(f"obs_keys (--obs-keys) lists {repeated} more than once; give each column once.")
     for key in obs_keys:
         if key in columns:
             raise ValueError(f"obs column {key!r} would clash with the dataset column of the same name; rename it.")
@@ -494,7 +502,12 @@ def convert_anndata(
         bounds = _shard_bounds(source.n_cells, cells_per_shard, num_proc)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = _sibling(output_dir, "incomplete")
-        staging.mkdir()
+        try:
+            staging.mkdir()
+        except PermissionError as error:
+            raise PermissionError(
+                f"cannot write in {output_dir.parent} ({error.strerror}); choose an output folder you can write to."
+            ) from error
         try:
             _record_writer(staging)
             jobs = [
@@ -603,6 +616,9 @@ def _check_output_target(output_dir: Path) -> None:
             f"{output_dir} is a file, not a folder; convert writes a dataset folder and never replaces a file, "
             "even with overwrite=True (--overwrite). Choose another output path or move the file away."
         )
+    above = next((folder for folder in output_dir.parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise NotADirectoryError(f"{output_dir} lies under {above}, which is a file; choose an output folder elsewhere.")
 
 
 def _check_replaceable(output_dir: Path) -> None:

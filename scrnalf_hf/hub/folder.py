@@ -8,6 +8,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..configuration_scrnalf import ScrnaLongformerConfig
 from ..modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
 from ..training.tasks import TASKS, task_for_model
@@ -62,6 +63,18 @@ def check_model_source(name_or_path: str) -> None:
                 f"{name_or_path} has no config.json, so it is not a saved model folder (save_pretrained, scrnalf "
                 "finetune and scrnalf pretrain write one)."
             )
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ValueError(
+                f"{path / 'config.json'} is not valid JSON ({error}); the folder is damaged: save the model again."
+            ) from error
+        model_type = saved.get("model_type") if isinstance(saved, dict) else None
+        if model_type != ScrnaLongformerConfig.model_type:
+            raise ValueError(
+                f"{name_or_path} holds a {model_type!r} model, not a scRNA longformer ({ScrnaLongformerConfig.model_type!r}); "
+                "give a folder written by scrnalf finetune / pretrain or save_pretrained of this package."
+            )
         return
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
         raise FileNotFoundError(f"no model folder at {name_or_path}, and it is not a Hub repo id (ORG/NAME) either.")
@@ -70,13 +83,21 @@ def check_model_source(name_or_path: str) -> None:
 @contextmanager
 def model_source_errors(name_or_path: str):
     """Turn transformers' "cannot find / cannot reach" into one line naming the ``--model`` given."""
+    from safetensors import SafetensorError
+
     check_model_source(name_or_path)
     try:
         yield
-    except OSError as error:
-        if Path(name_or_path).exists():
-            raise
+    except (OSError, RuntimeError, SafetensorError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if Path(name_or_path).exists():
+            # a local folder that is incomplete or damaged (no weights, truncated weights, no processor, ...)
+            raise ValueError(
+                f"{name_or_path} does not load as a saved scRNA longformer ({type(error).__name__}: {first}); the "
+                "folder is incomplete or damaged: save the model and its processor again (save_pretrained)."
+            ) from error
+        if not isinstance(error, OSError):
+            raise
         raise FileNotFoundError(
             f"no model folder at {name_or_path}, and the Hub repo {name_or_path} could not be loaded ({first})."
         ) from error

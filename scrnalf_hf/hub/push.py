@@ -84,6 +84,8 @@ def validate_hub_folder(model_dir: str | Path) -> HubFolder:
         HubFolderError: naming the first missing or broken piece and how to produce it.
     """
     root = Path(model_dir)
+    if root.is_file():
+        raise HubFolderError(f"model folder {root} is a file; give the Hub-ready folder (scripts/make_hub_folders.py writes one).")
     if not root.is_dir():
         raise HubFolderError(f"model folder {root} does not exist.")
     files: dict[str, Path] = {}

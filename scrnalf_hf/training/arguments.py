@@ -64,6 +64,10 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "dataset name for reports and the model card."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace a finished run in --output-dir (without it, a trained model there is never replaced)."},
+    )
 
 
 @dataclass
@@ -166,6 +170,16 @@ def parse_config_overrides(text: str | None) -> dict:
         if isinstance(value, str) and raw.lower() in ("true", "false", "none"):
             value = {"true": True, "false": False, "none": None}[raw.lower()]
         overrides[key] = value
+    from ..configuration_scrnalf import ScrnaLongformerConfig
+
+    known = set(ScrnaLongformerConfig().to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        import difflib
+
+        hints = {key: difflib.get_close_matches(key, sorted(known), n=1) for key in unknown}
+        shown = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
+        raise ValueError(f"--config-overrides names no config field: {shown}; e.g. pooling, hidden_dropout, attention_type.")
     return overrides
 
 
@@ -178,8 +192,26 @@ def _task_name(argv: list[str], command: str) -> str:
     return COMMAND_TASKS[command]
 
 
+class _ArgumentParser(HfArgumentParser):
+    """A bad flag value is a ``ValueError`` (one line from the command), not argparse's usage and exit."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message}; see --help for the options.")
+
+
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+    return _ArgumentParser((DataArguments, ModelArguments, TrainingArguments))
+
+
+def check_training_arguments(training_args: TrainingArguments) -> TrainingArguments:
+    """Refuse Trainer settings that would train nothing or fail deep inside the Trainer."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if training_args.learning_rate < 0:
+        raise ValueError(f"--learning-rate must not be negative, got {training_args.learning_rate}.")
+    return training_args
 
 
 # Options that do not apply to a command (its help leaves them out).
@@ -218,7 +250,12 @@ def parse_arguments(argv: list[str], command: str = "finetune"):
     overrides them (argparse keeps the last). Unset split fractions take the command's."""
     task = get_task(_task_name(argv, command))
     defaults = task_defaults(task)
-    data_args, model_args, training_args = build_parser().parse_args_into_dataclasses(args=defaults + list(argv))
+    data_args, model_args, training_args, unknown = build_parser().parse_args_into_dataclasses(
+        args=defaults + list(argv), return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(f"unrecognised arguments: {' '.join(unknown)} (see `scrnalf {command} --help`)")
+    check_training_arguments(training_args)
     model_args.task = task.name
     test_fraction, validation_fraction = COMMAND_FRACTIONS[command]
     if data_args.test_fraction is None:
@@ -236,9 +273,9 @@ def training_arguments(task: Task, output_dir, seed: int = 0, flags: Sequence[st
     such flags would be, e.g. ``{"num_train_epochs": 10}``."""
     own = [f"--output_dir={output_dir}", f"--seed={seed}"]
     named = [f"--{key}={value}" for key, value in overrides.items()]
-    parser = HfArgumentParser(TrainingArguments)
+    parser = _ArgumentParser(TrainingArguments)
     (training_args,) = parser.parse_args_into_dataclasses(args=[*task_defaults(task), *own, *flags, *named])
-    return training_args
+    return check_training_arguments(training_args)
 
 
 __all__ = [

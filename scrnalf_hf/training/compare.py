@@ -43,7 +43,7 @@ from transformers import TrainingArguments
 from ..data.cells import Cells
 from ..data.splits import check_class_sizes, cross_validation_folds
 from ..presets import PRESET_NAMES
-from .finetune import CellPart, fit_baselines, finetune, score_held_out
+from .finetune import CellPart, check_output_folder, fit_baselines, finetune, score_held_out
 from .tasks import Targets, Task
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ def parse_methods(task: Task, methods: str | Sequence[str]) -> list[str]:
         raise ValueError(
             f"unknown method(s) {unknown} for {task.summary}; choose transformer presets from {list(PRESET_NAMES)} "
             f"and baselines from {sorted(task.baselines)}."
+        )
+    if not names:
+        raise ValueError(
+            f"no method given; list presets from {list(PRESET_NAMES)} and/or baselines from {sorted(task.baselines)}, "
+            "e.g. --methods tiny,logreg."
         )
     if len(set(names)) != len(names):
         raise ValueError(f"a method is listed twice in {names}.")
@@ -134,6 +139,13 @@ def compare(
     if task.score is None:
         raise ValueError(f"compare scores predictions, and {task.summary} makes none to score; compare a head instead.")
     method_names = parse_methods(task, methods)
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must lie in [0, 1) (0: no validation split), got {validation_fraction}.")
+    if n_top_genes is not None and n_top_genes < 1:
+        raise ValueError(f"--n-top-genes must be a positive number of genes, got {n_top_genes}.")
+    if early_stopping_patience < 0:
+        raise ValueError(f"--early-stopping-patience must be 0 (off) or positive, got {early_stopping_patience}.")
+    check_output_folder(output_dir)
     if ensemble < 1 or (ensemble > 1 and keep_models):
         raise ValueError(f"ensemble must be a positive number of fits (and 1 with keep_models), got {ensemble}.")
     usable = np.flatnonzero(targets.usable)
@@ -155,78 +167,85 @@ def compare(
         raise ValueError(f"--folds must lie in [0, {n_folds}), got {list(only_folds)}.")
 
     output_dir = Path(output_dir)
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    row_names = {m: m if m in task.baselines or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
-    n_test = test_side.cells.n_cells
-    predictions = {row_names[m]: np.full(n_test, -1, dtype=np.int64 if targets.names else np.float64) for m in method_names}
-    fold_of_cell = np.full(n_test, -1, dtype=np.int64)
-    fold_models: dict = {}
-    started = time.perf_counter()
-    for fold in fold_numbers:
-        train_rows, test_rows = folds[fold]
-        fold_of_cell[test_rows] = fold
-        test = CellPart(test_side.cells, test_labels, test_rows)
-        baseline_names = [m for m in method_names if m in task.baselines]
-        baseline_rows, baseline_points = {}, {}
-        if baseline_names:
-            from ..data.panel import fit_processor
+    try:
+        rows: list[dict] = []
+        row_names = {m: m if m in task.baselines or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
+        n_test = test_side.cells.n_cells
+        predictions = {row_names[m]: np.full(n_test, -1, dtype=np.int64 if targets.names else np.float64) for m in method_names}
+        fold_of_cell = np.full(n_test, -1, dtype=np.int64)
+        fold_models: dict = {}
+        started = time.perf_counter()
+        for fold in fold_numbers:
+            train_rows, test_rows = folds[fold]
+            fold_of_cell[test_rows] = fold
+            test = CellPart(test_side.cells, test_labels, test_rows)
+            baseline_names = [m for m in method_names if m in task.baselines]
+            baseline_rows, baseline_points = {}, {}
+            if baseline_names:
+                from ..data.panel import fit_processor
 
-            logger.info("compare: fold %d of %d, baselines %s", fold, n_folds, ", ".join(baseline_names))
-            fitted_rows, baseline_points = fit_baselines(
-                task, fit_processor(cells, train_rows, n_top_genes, seed=seed), CellPart(cells, targets, train_rows),
-                test, baseline_names, seed=seed, class_weighting=class_weighting, fold=fold,
-            )
-            baseline_rows = {row["method"]: row for row in fitted_rows}
-        for method in method_names:
-            if method in task.baselines:
-                row, point = baseline_rows[method], baseline_points[method]
-            else:
-                logger.info("compare: fold %d of %d, %s (%.0f s elapsed)", fold, n_folds, method, time.perf_counter() - started)
-                method_args = training_args[method] if isinstance(training_args, dict) else training_args
-                kept, seconds, n_parameters = {}, 0.0, 0
-                for member in range(ensemble):
-                    run_dir = output_dir / "runs" / method / f"fold{fold}"
-                    if ensemble > 1:
-                        run_dir = run_dir / f"seed{seed + member}"
-                    args = dataclasses.replace(method_args, output_dir=str(run_dir), seed=method_args.seed + member)
-                    result = finetune(
-                        task, cells, targets, train_rows, args, preset=method, n_top_genes=n_top_genes,
-                        config_overrides=config_overrides, class_weighting=class_weighting,
-                        validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
-                    )
-                    held_out = score_held_out(result, test)
-                    if result.trainer.is_world_process_zero():
-                        result.trainer.save_model(str(run_dir))
-                        for checkpoint in run_dir.glob("checkpoint-*"):
-                            shutil.rmtree(checkpoint, ignore_errors=True)
-                    for name, values in held_out.predicted.items():
-                        kept[name] = kept.get(name, 0.0) + values / ensemble
-                    seconds += result.train_seconds
-                    n_parameters += result.n_parameters
-                    if keep_models:
-                        fold_models.setdefault(method, {})[fold] = (result, held_out)
-                point = task.point(kept)
-                scores = task.score(test_labels.values[test_rows], point, test_labels, detailed=False)
-                row = {"method": row_names[method], "fold": fold, **scores, "train_seconds": float(seconds),
-                       "n_parameters": int(n_parameters)}
-            row["method"] = row_names[method]
-            rows.append(row)
-            predictions[row_names[method]][test_rows] = point
-            logger.info(
-                "compare: fold %d %s %s (%.1f s)", fold, row["method"],
-                " ".join(f"{name} {row[name]:.3f}" for name in task.metric_names), row["train_seconds"],
-            )
-            (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+                logger.info("compare: fold %d of %d, baselines %s", fold, n_folds, ", ".join(baseline_names))
+                fitted_rows, baseline_points = fit_baselines(
+                    task, fit_processor(cells, train_rows, n_top_genes, seed=seed), CellPart(cells, targets, train_rows),
+                    test, baseline_names, seed=seed, class_weighting=class_weighting, fold=fold,
+                )
+                baseline_rows = {row["method"]: row for row in fitted_rows}
+            for method in method_names:
+                if method in task.baselines:
+                    row, point = baseline_rows[method], baseline_points[method]
+                else:
+                    logger.info("compare: fold %d of %d, %s (%.0f s elapsed)", fold, n_folds, method, time.perf_counter() - started)
+                    method_args = training_args[method] if isinstance(training_args, dict) else training_args
+                    kept, seconds, n_parameters = {}, 0.0, 0
+                    for member in range(ensemble):
+                        run_dir = output_dir / "runs" / method / f"fold{fold}"
+                        if ensemble > 1:
+                            run_dir = run_dir / f"seed{seed + member}"
+                        args = dataclasses.replace(method_args, output_dir=str(run_dir), seed=method_args.seed + member)
+                        result = finetune(
+                            task, cells, targets, train_rows, args, preset=method, n_top_genes=n_top_genes,
+                            config_overrides=config_overrides, class_weighting=class_weighting,
+                            validation_fraction=validation_fraction, early_stopping_patience=early_stopping_patience,
+                        )
+                        held_out = score_held_out(result, test)
+                        if result.trainer.is_world_process_zero():
+                            result.trainer.save_model(str(run_dir))
+                            for checkpoint in run_dir.glob("checkpoint-*"):
+                                shutil.rmtree(checkpoint, ignore_errors=True)
+                        for name, values in held_out.predicted.items():
+                            kept[name] = kept.get(name, 0.0) + values / ensemble
+                        seconds += result.train_seconds
+                        n_parameters += result.n_parameters
+                        if keep_models:
+                            fold_models.setdefault(method, {})[fold] = (result, held_out)
+                    point = task.point(kept)
+                    scores = task.score(test_labels.values[test_rows], point, test_labels, detailed=False)
+                    row = {"method": row_names[method], "fold": fold, **scores, "train_seconds": float(seconds),
+                           "n_parameters": int(n_parameters)}
+                row["method"] = row_names[method]
+                rows.append(row)
+                predictions[row_names[method]][test_rows] = point
+                logger.info(
+                    "compare: fold %d %s %s (%.1f s)", fold, row["method"],
+                    " ".join(f"{name} {row[name]:.3f}" for name in task.metric_names), row["train_seconds"],
+                )
+                (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
 
-    np.savez(output_dir / "comparison_predictions.npz", labels=test_labels.values if test_labels.values is not None else [],
-             fold=fold_of_cell, **predictions)
-    scored = f"fold {fold_numbers[0]} of " if len(fold_numbers) == 1 and n_folds > 1 else ""
-    title = f"{cells.name}, {task.summary}" + (f" of `{targets.key}`" if targets.key else "") + f", {scored}{description}"
-    table = comparison_table(rows, task, title=title)
-    (output_dir / "comparison.md").write_text(table)
-    plot_comparison(rows, task, output_dir / "comparison.png", title=title)
-    return ComparisonResult(rows=rows, predictions=predictions, folds=fold_of_cell, fold_models=fold_models)
+        np.savez(output_dir / "comparison_predictions.npz", labels=test_labels.values if test_labels.values is not None else [],
+                 fold=fold_of_cell, **predictions)
+        scored = f"fold {fold_numbers[0]} of " if len(fold_numbers) == 1 and n_folds > 1 else ""
+        title = f"{cells.name}, {task.summary}" + (f" of `{targets.key}`" if targets.key else "") + f", {scored}{description}"
+        table = comparison_table(rows, task, title=title)
+        (output_dir / "comparison.md").write_text(table)
+        plot_comparison(rows, task, output_dir / "comparison.png", title=title)
+        return ComparisonResult(rows=rows, predictions=predictions, folds=fold_of_cell, fold_models=fold_models)
+    except BaseException:
+        # a comparison that fails before its first result leaves no half-made output folder behind
+        if created and not (output_dir / "comparison.json").exists():
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
 
 def summarise(rows: Sequence[dict], task: Task) -> list[dict]:

@@ -407,6 +407,40 @@ def check_resume(output_dir: Path, record: dict) -> None:
         )
 
 
+def check_output_folder(output_dir: str | Path, flag: str = "--output-dir") -> Path:
+    """Refuse an output folder that cannot be created (it, or a folder above it, is a file)
+    before any cell is read."""
+    output_dir = Path(output_dir)
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == output_dir else f"lies under {folder}, which is a file"
+                raise NotADirectoryError(f"{flag} {output_dir} {where}; choose a folder.")
+            break
+    return output_dir
+
+
+def check_run_folder(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """An existing ``--output-dir`` is written into only if it is empty or a run of this command
+    (``split.json``), and a finished run (a saved model) only with ``overwrite`` or to resume it."""
+    if resume or not output_dir.is_dir():
+        return
+    contents = sorted(path.name for path in output_dir.iterdir())
+    if not contents:
+        return
+    if "split.json" not in contents:
+        raise FileExistsError(
+            f"--output-dir {output_dir} exists and holds files that are not a scrnalf run ({contents[:5]}); "
+            "choose a new or empty folder."
+        )
+    finished = [name for name in ("model.safetensors", "training_summary.json") if name in contents]
+    if finished and not overwrite:
+        raise FileExistsError(
+            f"--output-dir {output_dir} holds a finished run ({', '.join(finished)}); choose a new --output-dir, "
+            "pass --overwrite to replace it, or --resume-from-checkpoint true to continue it."
+        )
+
+
 def train_from_arguments(data_args, model_args, training_args) -> dict:
     """``scrnalf finetune`` / ``scrnalf pretrain``: read the cells, split them, train, score the
     held-out cells next to the baselines, and write the Hub-ready output folder
@@ -423,6 +457,20 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
         raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs}; nothing would be trained.")
     if not 0.0 <= data_args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must lie in [0, 1), got {data_args.test_fraction}.")
+    if not 0.0 <= data_args.validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction must lie in [0, 1) (0: no validation split), got {data_args.validation_fraction}."
+        )
+    if data_args.max_train_cells is not None and data_args.max_train_cells < 1:
+        raise ValueError(f"--max-train-cells must be a positive number of cells, got {data_args.max_train_cells}.")
+    if data_args.n_top_genes is not None and data_args.n_top_genes < 1:
+        raise ValueError(f"--n-top-genes must be a positive number of genes, got {data_args.n_top_genes}.")
+    if task.read_targets is None:
+        for flag, given in (("--freeze-encoder", model_args.freeze_encoder), ("--min-cells-per-label", data_args.min_cells_per_label)):
+            if given:
+                raise ValueError(f"{flag} does not apply to {task.summary}; drop it.")
+    output_dir = check_output_folder(training_args.output_dir)
+    check_run_folder(output_dir, getattr(data_args, "overwrite", False), bool(training_args.resume_from_checkpoint))
     overrides = parse_config_overrides(model_args.config_overrides)
     cells = open_cells(
         data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
@@ -439,20 +487,27 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
         train_rows, test_rows = usable, np.array([], dtype=np.int64)
     if data_args.max_train_cells is not None and len(train_rows) > data_args.max_train_cells:
         train_rows, _ = split_off(train_rows, 1 - data_args.max_train_cells / len(train_rows), seed=seed, labels=targets.stratify)
-    output_dir = Path(training_args.output_dir)
     record = split_record(cells, train_rows, data_args.validation_fraction, test_rows, seed)
     if training_args.resume_from_checkpoint:
         check_resume(output_dir, record)
-    elif training_args.process_index == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "split.json").write_text(json.dumps(record, indent=2) + "\n")
+    created = not output_dir.exists()
+    try:
+        if not training_args.resume_from_checkpoint and training_args.process_index == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "split.json").write_text(json.dumps(record, indent=2) + "\n")
+        result = finetune(
+            task, cells, targets, train_rows, training_args,
+            preset=model_args.preset, model_name_or_path=model_args.model_name_or_path, n_top_genes=data_args.n_top_genes,
+            config_overrides=overrides, freeze=model_args.freeze_encoder, class_weighting=model_args.class_weighting,
+            validation_fraction=data_args.validation_fraction, early_stopping_patience=model_args.early_stopping_patience,
+        )
+    except BaseException:
+        # a run refused before its first checkpoint leaves no half-made output folder behind
+        if created and training_args.process_index == 0 and output_dir.is_dir() and not any(output_dir.glob("checkpoint-*")):
+            import shutil
 
-    result = finetune(
-        task, cells, targets, train_rows, training_args,
-        preset=model_args.preset, model_name_or_path=model_args.model_name_or_path, n_top_genes=data_args.n_top_genes,
-        config_overrides=overrides, freeze=model_args.freeze_encoder, class_weighting=model_args.class_weighting,
-        validation_fraction=data_args.validation_fraction, early_stopping_patience=model_args.early_stopping_patience,
-    )
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     held_out = score_held_out(result, CellPart(cells, targets, test_rows)) if len(test_rows) else None
     if not result.trainer.is_world_process_zero():
         return {}

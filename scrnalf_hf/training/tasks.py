@@ -233,6 +233,11 @@ def _class_targets(cells, key: str, min_cells_per_label: int | None = None) -> T
             )
             usable = ~np.isin(values, dropped)
             names = [name for name in names if name not in dropped]
+            if not names:
+                raise ValueError(
+                    f"--min-cells-per-label {min_cells_per_label} drops every class of {key!r} (the largest has "
+                    f"{int(counts.max())} cells); give a smaller number."
+                )
     index = {name: i for i, name in enumerate(names)}
     codes = np.array([index.get(v, -1) for v in values], dtype=np.int64)
     check_class_sizes(codes[usable], names, key, min_cells=2)
