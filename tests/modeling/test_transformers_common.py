@@ -4,8 +4,8 @@ AVX-512) and with dense and linear attention.
 
 Mixin tests that do not apply are skipped with their reason beside them; ``SKIPPED`` collects
 them, and ``PYTHONPATH=tests python tests/modeling/test_transformers_common.py`` prints the list
-(the mixin's own skips, such as GPU-only tests, are listed with ours in the project notes'
-hf_common_skips.md). The compiled kNN variant compiles every graph on first use (about three
+(the mixin's own skips, such as GPU-only tests, are listed with ours in COMMON_SKIPS.md beside
+this file). The compiled kNN variant compiles every graph on first use (about three
 minutes on 2 cores with a cold compile cache), so it is marked slow.
 """
 
