@@ -64,6 +64,13 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "dataset name for reports and the model card."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace an --output-dir holding an earlier finetune/pretrain run: its checkpoints go at once, its "
+            "model and card stay until the new ones are complete (without it, a used folder is refused).",
+        },
+    )
 
 
 @dataclass
