@@ -73,6 +73,7 @@ class KillRound:
     leftovers: int = 0  # leftovers of the interrupted run that the rerun found
     rerun_ok: bool = False
     rerun: str = ""  # how the rerun went on where it applies (finetune: "overwrite" or "resume")
+    had_previous: bool = True  # whether an earlier output existed before the killed run (push: odd rounds)
     problems: list[str] = field(default_factory=list)
 
 
@@ -383,7 +384,7 @@ def push_rounds(
                 state = "new"
             else:
                 state = f"partial ({len(files)} of {len(expected)} files)"
-            result = KillRound("push", index, kill_at, killed_in, state, orphans)
+            result = KillRound("push", index, kill_at, killed_in, state, orphans, had_previous=previous_commit is not None)
             if state not in ("none", "previous", "new"):
                 result.problems.append(f"main after the kill is {state}")
             if orphans:
@@ -706,7 +707,7 @@ def summary_table(rounds: list[KillRound]) -> str:
             ", ".join(f"{name} {count}" for name, count in sorted(outputs.items())),
             str(sum(name not in ("none", "no card", "previous", "new") for name in (r.output for r in mine))),
             str(sum(r.orphans for r in mine)),
-            f"{sum(r.output in ('previous', 'new') for r in mine)}/{len(mine)}",
+            f"{sum(r.output in ('previous', 'new') or (r.output == 'none' and not r.had_previous) for r in mine)}/{len(mine)}",
             str(sum(r.leftovers for r in mine)),
             f"{sum(r.rerun_ok for r in mine)}/{len(mine)}",
             str(sum(len(r.problems) for r in mine)),
