@@ -15,7 +15,8 @@ Cells go through the model's own processor in chunks of ``batch_size``. :func:`p
 disk, the results are written chunk by chunk into a copy of the file beside the output, and the
 copy is renamed into place only when complete, so memory stays bounded by a chunk (plus
 ``obs``) however many cells the file holds, and an interrupted run leaves any earlier output as
-it was.
+it was. The copy, ``.NAME.incomplete-PID-XXXXXXXX``, carries the writing process's id; the next
+run to the same output removes those whose process is gone (:mod:`scrnalf_hf.staging`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +36,7 @@ import torch
 from .configuration_scrnalf import ScrnaLongformerConfig
 from .modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedModel
 from .processing_scrnalf import ScrnaLongformerProcessor
+from .staging import remove_dead_staging, staging_path
 from .training.tasks import EMBEDDING_KEY, Task, task_for_model
 
 logger = logging.getLogger(__name__)
@@ -267,9 +268,10 @@ def _process_file(
     if output_path.resolve() == input_path.resolve():
         raise ValueError(f"--output must differ from --input ({input_path}); the input file is left unchanged.")
     _check_output(output_path, overwrite)
+    remove_dead_staging(output_path.parent, f".{output_path.name}.incomplete", "predict/embed")
     model, processor = load_model(model_name_or_path, head=head, revision=revision)
     task = _predicting_task(model) if head else None
-    staging = output_path.parent / f".{output_path.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    staging = staging_path(output_path.parent, f".{output_path.name}.incomplete")
     try:
         with open_anndata(input_path, require_counts=False, **_file_matrix_arguments(processor, input_path, layer, use_raw)) as source:
             where = source.matrix_name

@@ -66,7 +66,10 @@ class DataArguments:
     )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "replace a finished run in --output-dir (without it, a trained model there is never replaced)."},
+        metadata={
+            "help": "replace an --output-dir holding an earlier finetune/pretrain run: its checkpoints go at once, its "
+            "model and card stay until the new ones are complete (without it, a used folder is refused).",
+        },
     )
 
 

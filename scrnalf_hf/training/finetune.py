@@ -21,6 +21,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +269,9 @@ def finetune(
     )
     resume = training_args.resume_from_checkpoint
     if resume is not None and str(resume).lower() in ("true", "last"):
-        resume = True
+        resume = last_complete_checkpoint(training_args.output_dir, remove_incomplete=training_args.process_index == 0)
+        if resume is None:
+            raise ValueError(f"cannot resume: {training_args.output_dir} holds no complete checkpoint-N; start a new run.")
     train_output = trainer.train(resume_from_checkpoint=resume)
     return FitResult(
         task=task, model=trainer.model, processor=processor, trainer=trainer, targets=targets,
@@ -420,25 +424,117 @@ def check_output_folder(output_dir: str | Path, flag: str = "--output-dir") -> P
     return output_dir
 
 
-def check_run_folder(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """An existing ``--output-dir`` is written into only if it is empty or a run of this command
-    (``split.json``), and a finished run (a saved model) only with ``overwrite`` or to resume it."""
-    if resume or not output_dir.is_dir():
+def _is_run_folder(output_dir: Path) -> bool:
+    """Whether ``output_dir`` was written by ``scrnalf finetune`` / ``pretrain`` (its split record,
+    or the training summary of an export)."""
+    for name, key in (("split.json", "cells"), ("training_summary.json", "task")):
+        try:
+            record = json.loads((output_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and key in record:
+            return True
+    return False
+
+
+def _retire(path: Path) -> None:
+    """Removes a folder in two steps, a rename to a hidden name of this process first, so that a kill
+    leaves either the whole folder or a hidden leftover (removed by the next run), never half of it
+    under its own name."""
+    from ..staging import staging_path
+
+    retired = staging_path(path.parent, f".{path.name}.replaced")
+    os.rename(path, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove_interrupted_leftovers(output_dir: Path) -> None:
+    """What killed runs left in ``output_dir``: export staging folders, retired checkpoints."""
+    from ..staging import remove_dead_staging
+    from .reports import remove_interrupted_exports
+
+    remove_interrupted_exports(output_dir)
+    remove_dead_staging(output_dir, ".split.json.incomplete", "finetune/pretrain start")
+    if output_dir.is_dir():
+        for name in sorted({p.name.split(".replaced-")[0] for p in output_dir.glob(".*.replaced-*")}):
+            remove_dead_staging(output_dir, f"{name}.replaced", "replacement of an earlier run")
+
+
+def check_output_dir(output_dir: Path, *, overwrite: bool, resume) -> None:
+    """Checks ``--output-dir`` before any cell is read (main process only).
+
+    Leftovers of killed runs (export staging folders, retired checkpoints) are removed. Then a
+    folder that holds anything is refused, unless ``resume`` (continued, :func:`check_resume`
+    checks its split later) or ``overwrite`` and a finetune/pretrain run wrote it.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output-dir {output_dir} is a file; finetune writes a folder. Choose another path.")
+    remove_interrupted_leftovers(output_dir)
+    if resume:
+        if overwrite:
+            raise ValueError("--overwrite starts the run afresh and --resume-from-checkpoint continues it; give one.")
         return
-    contents = sorted(path.name for path in output_dir.iterdir())
+    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
     if not contents:
         return
-    if "split.json" not in contents:
+    if not _is_run_folder(output_dir):
         raise FileExistsError(
-            f"--output-dir {output_dir} exists and holds files that are not a scrnalf run ({contents[:5]}); "
-            "choose a new or empty folder."
+            f"--output-dir {output_dir} is not empty ({', '.join(contents[:5])}{' ...' if len(contents) > 5 else ''}) "
+            "and was not written by scrnalf finetune/pretrain; it is left as it is. Choose a new or empty folder."
         )
-    finished = [name for name in ("model.safetensors", "training_summary.json") if name in contents]
-    if finished and not overwrite:
+    if not overwrite:
+        finished = (output_dir / "README.md").is_file()
+        what = "a finished run (its model card README.md)" if finished else "an interrupted run (no model card)"
+        hint = "" if finished else ", or --resume-from-checkpoint true to continue it"
         raise FileExistsError(
-            f"--output-dir {output_dir} holds a finished run ({', '.join(finished)}); choose a new --output-dir, "
-            "pass --overwrite to replace it, or --resume-from-checkpoint true to continue it."
+            f"--output-dir {output_dir} already holds {what}; choose a new folder, or pass --overwrite to replace it{hint}."
         )
+
+
+def prepare_output_dir(output_dir: Path, record: dict, *, resume) -> None:
+    """Readies the checked ``--output-dir`` (:func:`check_output_dir`) for training (main process only).
+
+    ``resume``: the folder must hold this very split (:func:`check_resume`). Otherwise an earlier
+    run's checkpoints are removed at once, but its exported model, run records and card stay,
+    whole, until the new run's export replaces them
+    (:func:`~scrnalf_hf.training.reports.publish_export`); then the new ``split.json`` is written.
+    """
+    if resume:
+        check_resume(output_dir, record)
+        return
+    checkpoints = [p for p in sorted(output_dir.glob("checkpoint-*")) if p.is_dir() and not p.is_symlink()]
+    if checkpoints:
+        logger.warning(
+            "--overwrite: replacing the run in %s; its checkpoints are removed, its exported model stays until the new "
+            "one is complete.", output_dir,
+        )
+    for checkpoint in checkpoints:
+        _retire(checkpoint)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from ..staging import staging_path
+
+    partial = staging_path(output_dir, ".split.json.incomplete")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, output_dir / "split.json")
+
+
+def last_complete_checkpoint(output_dir: Path, remove_incomplete: bool = False) -> str | None:
+    """The highest ``checkpoint-N`` that Trainer finished writing (``trainer_state.json`` comes last);
+    with ``remove_incomplete``, higher ones a kill cut short are removed (logged)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.rsplit("-", 1)[1]
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        if remove_incomplete:
+            logger.warning("removing %s: a killed run left it incomplete (no trainer_state.json).", path)
+            _retire(path)
+    return None
 
 
 def train_from_arguments(data_args, model_args, training_args) -> dict:
@@ -470,8 +566,9 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
             if given:
                 raise ValueError(f"{flag} does not apply to {task.summary}; drop it.")
     output_dir = check_output_folder(training_args.output_dir)
-    check_run_folder(output_dir, getattr(data_args, "overwrite", False), bool(training_args.resume_from_checkpoint))
     overrides = parse_config_overrides(model_args.config_overrides)
+    if training_args.process_index == 0:
+        check_output_dir(output_dir, overwrite=data_args.overwrite, resume=training_args.resume_from_checkpoint)
     cells = open_cells(
         data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
         label_key=data_args.label_key, name=data_args.dataset_name,
@@ -488,13 +585,12 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     if data_args.max_train_cells is not None and len(train_rows) > data_args.max_train_cells:
         train_rows, _ = split_off(train_rows, 1 - data_args.max_train_cells / len(train_rows), seed=seed, labels=targets.stratify)
     record = split_record(cells, train_rows, data_args.validation_fraction, test_rows, seed)
-    if training_args.resume_from_checkpoint:
-        check_resume(output_dir, record)
     created = not output_dir.exists()
+    if training_args.process_index == 0:
+        prepare_output_dir(output_dir, record, resume=training_args.resume_from_checkpoint)
+    elif training_args.resume_from_checkpoint:
+        check_resume(output_dir, record)
     try:
-        if not training_args.resume_from_checkpoint and training_args.process_index == 0:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "split.json").write_text(json.dumps(record, indent=2) + "\n")
         result = finetune(
             task, cells, targets, train_rows, training_args,
             preset=model_args.preset, model_name_or_path=model_args.model_name_or_path, n_top_genes=data_args.n_top_genes,
@@ -504,8 +600,6 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     except BaseException:
         # a run refused before its first checkpoint leaves no half-made output folder behind
         if created and training_args.process_index == 0 and output_dir.is_dir() and not any(output_dir.glob("checkpoint-*")):
-            import shutil
-
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     held_out = score_held_out(result, CellPart(cells, targets, test_rows)) if len(test_rows) else None
@@ -534,11 +628,14 @@ __all__ = [
     "HeldOutScores",
     "balanced_class_weights",
     "build_model",
+    "check_output_dir",
     "count_parameters",
     "finetune",
     "fit_baselines",
     "freeze_encoder",
+    "last_complete_checkpoint",
     "make_collator",
+    "prepare_output_dir",
     "read_targets",
     "score_held_out",
     "train_from_arguments",

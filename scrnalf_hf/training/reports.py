@@ -22,24 +22,108 @@ Files written to ``output_dir`` (on the main process only):
     cell counts, ``split``, ``hardware``, ``seed``.
 ``split.json``
     what identifies the split (seed, cells, train and test positions), checked on resume.
+``.scrnalf-export.json``
+    the exported files (every one above but ``split.json``) with their sha256: what the card
+    belongs to.
+
+Interruptions. The folder also holds Trainer's ``checkpoint-N/``, so it is not renamed as a
+whole; instead every exported file is written into a hidden staging folder inside it,
+``.export-incomplete-PID-XXXXXXXX``, and only once all are complete moved into place
+(:func:`publish_export`): the previous model card is removed first, then each file replaces its
+namesake (``os.replace``), and the new card comes last. So a folder with a ``README.md`` (what
+``scrnalf push`` requires) holds one run's complete export, the previous one or the new one,
+whenever the run is killed; a folder without one is being replaced (push refuses it). The next
+run into the folder removes staging folders whose process is gone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 
 from ..data.cells import Cells
 from ..machine import hardware_description
+from ..staging import WRITER_FILE, record_writer, remove_dead_staging, staging_path
 from .finetune import FitResult, HeldOutScores
 
 logger = logging.getLogger(__name__)
 
+EXPORT_STAGING = ".export-incomplete"
+EXPORT_RECORD = ".scrnalf-export.json"
+CARD = "README.md"
+
 
 def write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def _write_metrics(folder: Path, split: str, metrics: dict) -> None:
+    """``{split}_results.json`` and ``all_results.json`` as ``Trainer.save_metrics(combined=True)``
+    writes them, but into ``folder``."""
+    (folder / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True))
+    combined = folder / "all_results.json"
+    everything = json.loads(combined.read_text()) if combined.is_file() else {}
+    everything.update(metrics)
+    combined.write_text(json.dumps(everything, indent=4, sort_keys=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_record(folder: Path) -> dict | None:
+    """``.scrnalf-export.json`` of ``folder``: ``{"files": {name: sha256}}``, or None."""
+    try:
+        record = json.loads((Path(folder) / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def remove_interrupted_exports(output_dir: Path) -> list[Path]:
+    """Removes the staging folders of exports into ``output_dir`` whose process is gone (logged);
+    raises if another process is exporting into it right now."""
+    removed, running = remove_dead_staging(output_dir, EXPORT_STAGING, "finetune/pretrain export")
+    if running:
+        raise FileExistsError(
+            f"another run is writing its output into {output_dir} ({running[0].name}); wait for it or choose another "
+            "--output-dir."
+        )
+    return removed
+
+
+def publish_export(staging: Path, output_dir: Path) -> None:
+    """Moves the complete export in ``staging`` into ``output_dir``, the model card last.
+
+    The previous card goes first, so that from then until the new card arrives the folder does
+    not look finished; files of the previous export the new one lacks are removed.
+    """
+    staging, output_dir = Path(staging), Path(output_dir)
+    (staging / WRITER_FILE).unlink(missing_ok=True)
+    names = sorted(p.name for p in staging.iterdir())
+    if CARD not in names or EXPORT_RECORD not in names:
+        raise RuntimeError(f"{staging} lacks {CARD} or {EXPORT_RECORD}; the export is incomplete.")
+    (output_dir / CARD).unlink(missing_ok=True)
+    previous = export_record(output_dir)
+    (output_dir / EXPORT_RECORD).unlink(missing_ok=True)
+    for name in (previous or {}).get("files", {}):
+        if name not in names and "/" not in name and not name.startswith("."):
+            (output_dir / name).unlink(missing_ok=True)
+    for name in names:
+        if name not in (CARD, EXPORT_RECORD):
+            os.replace(staging / name, output_dir / name)
+    os.replace(staging / EXPORT_RECORD, output_dir / EXPORT_RECORD)
+    os.replace(staging / CARD, output_dir / CARD)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def training_settings(result: FitResult) -> dict:
@@ -80,16 +164,38 @@ def write_run_outputs(
 ) -> dict:
     """Write the Hub-ready model folder, the run records and the model card (module docstring).
 
-    Returns the training summary.
+    Everything is written into a staging folder inside ``output_dir`` and moved into place,
+    the model card last, only when complete (module docstring). Returns the training summary.
     """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_exports(output_dir)
+    staging = staging_path(output_dir, EXPORT_STAGING)
+    staging.mkdir()
+    try:
+        record_writer(staging)
+        summary = _write_export(staging, cells, result, held_out, baselines, method=method, preset=preset,
+                                model_name_or_path=model_name_or_path, class_weighting=class_weighting, freeze=freeze)
+        write_json(staging / EXPORT_RECORD, {
+            "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != WRITER_FILE},
+        })
+        publish_export(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _write_export(
+    output_dir: Path, cells: Cells, result: FitResult, held_out: HeldOutScores | None, baselines: list[dict], *,
+    method: str, preset: str | None, model_name_or_path: str | None, class_weighting: str | None, freeze: bool,
+) -> dict:
     from ..hub.cards import write_model_card
     from ..hub.folder import save_hub_folder
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     task, trainer = result.task, result.trainer
     save_hub_folder(result.model, result.processor, output_dir)
-    trainer.save_state()
+    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     if held_out is not None:
         scores, n_eval = held_out.metrics, len(held_out.rows)
     else:  # nothing held out: the validation cells' scores of the kept model
@@ -102,8 +208,8 @@ def write_run_outputs(
         eval_metrics["eval_samples_per_second"] = held_out.cells_per_second
     train_metrics = {k: v for k, v in result.train_metrics.items() if isinstance(v, (int, float))}
     train_metrics["train_samples"] = int(len(result.train_rows))
-    trainer.save_metrics("train", train_metrics, combined=True)
-    trainer.save_metrics("eval", eval_metrics, combined=True)
+    _write_metrics(output_dir, "train", train_metrics)
+    _write_metrics(output_dir, "eval", eval_metrics)
 
     model_row = {"method": method, "fold": 0, **{name: float(scores[name]) for name in task.metric_names if name in scores},
                  "train_seconds": result.train_seconds, "n_parameters": result.n_parameters}
@@ -190,4 +296,12 @@ def check_against_baselines(summary: dict) -> None:
         logger.warning("the model trails logistic regression by %.3f macro-F1 on this split.", logreg["macro_f1"] - model_f1)
 
 
-__all__ = ["check_against_baselines", "training_settings", "write_json", "write_run_outputs"]
+__all__ = [
+    "check_against_baselines",
+    "export_record",
+    "publish_export",
+    "remove_interrupted_exports",
+    "training_settings",
+    "write_json",
+    "write_run_outputs",
+]
