@@ -210,9 +210,10 @@ def model_copy(w: World, t: Path, breakage: str) -> Path:
 
 
 def finished_run(w: World, t: Path) -> Path:
-    """A folder as a finished finetune run leaves it: the saved model and its split.json."""
+    """A folder as a finished finetune run leaves it: the saved model, its split.json and its card."""
     run = copy_folder(w.classifier, t, "run")
-    (run / "split.json").write_text(json.dumps({"seed": 0, "n_cells": 90}))
+    (run / "split.json").write_text(json.dumps({"seed": 0, "n_cells": 90, "cells": "0123456789abcdef"}))
+    (run / "README.md").write_text("---\nlibrary_name: transformers\n---\n# a finished run\n")
     return run
 
 
@@ -528,7 +529,7 @@ def _finetune_cases() -> list[Case]:
         Case("finetune-output-foreign-folder", c, "--output-dir is a folder of the user's own files",
              lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir",
                                   with_existing(t / "mine" / "README.md", "# my notes\n").parent, *TRAIN, protect=[t / "mine"]),
-             "not a scrnalf run"),
+             "not written by scrnalf finetune/pretrain"),
         Case("finetune-resume-other-data", c, "--resume_from_checkpoint on a run of other cells",
              lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir",
                                   with_existing(t / "run" / "split.json", json.dumps({"n_cells": 5})).parent, *TRAIN,
