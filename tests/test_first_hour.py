@@ -63,6 +63,7 @@ def use_raw_run(pbmc_file, tmp_path_factory) -> Path:
     return output
 
 
+@pytest.mark.slow
 def test_finetune_output_pushes_as_it_is_and_predicts_without_flags_where_the_package_is_absent(
     use_raw_run, pbmc_file, local_hub, tmp_path, capsys  # noqa: F811
 ):
@@ -92,6 +93,7 @@ def test_finetune_output_pushes_as_it_is_and_predicts_without_flags_where_the_pa
     assert accuracy > 0.34  # above the majority class (CD8+ Cytotoxic T: 0.34 of the cells)
 
 
+@pytest.mark.slow
 def test_predicting_the_scaled_matrix_names_the_flag_that_fixes_it(use_raw_run, pbmc_file, tmp_path, capsys):
     scaled = ad.read_h5ad(pbmc_file)
     del scaled.raw  # only the scaled, negative .X is left: the matrix the model was not trained on
@@ -104,6 +106,7 @@ def test_predicting_the_scaled_matrix_names_the_flag_that_fixes_it(use_raw_run, 
     assert ".raw" in error and not (tmp_path / "o.h5ad").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -116,6 +116,9 @@ def count_parameters(estimator) -> int:
     return int(sum(np.size(value) for value in fitted if isinstance(value, (np.ndarray, float, int)) and not isinstance(value, bool)))
 
 
+PREDICT_CHUNK = 10_000
+
+
 def fit_baseline(
     name: str,
     factories: dict[str, Callable],
@@ -150,5 +153,8 @@ def fit_baseline(
     start = time.perf_counter()
     estimator.fit(train_features, train_targets)
     train_seconds = time.perf_counter() - start
-    predictions = np.asarray(estimator.predict(eval_features))
+    # In chunks: scikit-learn predicts on a float64 copy of what it is given.
+    predictions = np.concatenate(
+        [np.asarray(estimator.predict(eval_features[start : start + PREDICT_CHUNK])) for start in range(0, eval_features.shape[0], PREDICT_CHUNK)]
+    ) if eval_features.shape[0] else np.asarray(estimator.predict(eval_features))
     return BaselineResult(predictions, train_seconds, count_parameters(estimator))

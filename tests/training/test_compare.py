@@ -149,3 +149,33 @@ def test_logistic_regression_reproduces_pbmc68k_reduced_bulk_labels():
         scores.append(classification_metrics(targets.values[test_index], fitted.predictions, 10, per_class=False))
     assert np.mean([s["accuracy"] for s in scores]) == pytest.approx(0.826, abs=0.01)
     assert np.mean([s["macro_f1"] for s in scores]) == pytest.approx(0.672, abs=0.01)
+
+
+def test_baselines_on_many_training_cells_fit_a_stratified_sample(caplog, monkeypatch):
+    """Above max_train_cells the baselines see a stratified sample of that many cells (logged),
+    and still score every test cell."""
+    import logging
+
+    from scrnalf_hf.data import fit_processor, open_cells
+    from scrnalf_hf.training import finetune as finetune_module
+    from scrnalf_hf.training.finetune import CellPart, fit_baselines, read_targets
+    from scrnalf_hf.training.tasks import CLASSIFICATION
+
+    cells = open_cells(marker_adata(n_cells=150), label_key="cell_type", progress=False)
+    targets = read_targets(CLASSIFICATION, cells, "cell_type")
+    train, test = np.arange(0, 120), np.arange(120, 150)
+    processor = fit_processor(cells, train)
+    seen = []
+    fit_one = finetune_module.fit_baseline
+
+    def recording(name, factories, train_features, train_targets, *args, **kwargs):
+        seen.append(np.bincount(train_targets, minlength=3))
+        return fit_one(name, factories, train_features, train_targets, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "fit_baseline", recording)
+    with caplog.at_level(logging.INFO, logger="scrnalf_hf.training.finetune"):
+        rows, predictions = fit_baselines(CLASSIFICATION, processor, CellPart(cells, targets, train),
+                                          CellPart(cells, targets, test), ["logreg"], max_train_cells=30)
+    assert seen[0].sum() == 30 and seen[0].min() >= 9  # 3 balanced classes of 40: about 10 each
+    assert len(predictions["logreg"]) == 30 and rows[0]["accuracy"] > 0.8
+    assert "sample of 30 of the 120 training cells" in caplog.text
