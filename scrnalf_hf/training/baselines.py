@@ -136,7 +136,8 @@ def fit_baseline(
         factories: name -> ``factory(seed, class_weighting)`` of an estimator.
         train_features: (n_train, n_genes) processor output of the training cells (sparse or dense).
         train_targets: (n_train,) targets (class ids for classification).
-        eval_features: (n_eval, n_genes) from the same processor.
+        eval_features: (n_eval, n_genes) from the same processor, or anything with that
+            ``shape`` whose row slices are such matrices.
         seed: random state of the estimator.
         class_weighting: ``None`` or ``"balanced"``; must be the same for every method compared.
     """
@@ -154,7 +155,6 @@ def fit_baseline(
     estimator.fit(train_features, train_targets)
     train_seconds = time.perf_counter() - start
     # In chunks: scikit-learn predicts on a float64 copy of what it is given.
-    predictions = np.concatenate(
-        [np.asarray(estimator.predict(eval_features[start : start + PREDICT_CHUNK])) for start in range(0, eval_features.shape[0], PREDICT_CHUNK)]
-    ) if eval_features.shape[0] else np.asarray(estimator.predict(eval_features))
+    chunks = range(0, eval_features.shape[0], PREDICT_CHUNK) or [0]
+    predictions = np.concatenate([np.asarray(estimator.predict(eval_features[start : start + PREDICT_CHUNK])) for start in chunks])
     return BaselineResult(predictions, train_seconds, count_parameters(estimator))
