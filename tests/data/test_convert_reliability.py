@@ -306,6 +306,7 @@ def load_kill_test():
     return module
 
 
+@pytest.mark.slow
 def test_convert_killed_at_random_moments_leaves_a_whole_dataset_and_no_orphan(tmp_path):
     """Three kills of `scrnalf convert --overwrite --num-proc 2` while it works on its output."""
     rounds = load_kill_test().convert_rounds(

@@ -140,6 +140,7 @@ def load_kill_test():
     return module
 
 
+@pytest.mark.slow
 def test_push_killed_at_random_moments_leaves_main_whole_and_no_orphan(tmp_path):
     """Three kills of `scrnalf push` once it talks to the (local) Hub; the second pushes over a commit."""
     rounds = load_kill_test().push_rounds(tmp_path, kills=3, seed=1, n_genes=50, window="work")
