@@ -435,7 +435,8 @@ def _output(verbose: bool):
 
     package = logging.getLogger("scrnalf_hf")
     datasets_logger = logging.getLogger("datasets")
-    saved = (package.level, datasets_logger.level, transformers.utils.logging.get_verbosity(),
+    hub_logger = logging.getLogger("huggingface_hub")  # its retries: one line each, up to 5 per file
+    saved = (package.level, datasets_logger.level, hub_logger.level, transformers.utils.logging.get_verbosity(),
              transformers.utils.logging.is_progress_bar_enabled())
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -450,6 +451,7 @@ def _output(verbose: bool):
                 transformers.utils.logging.set_verbosity_error()
                 transformers.utils.logging.disable_progress_bar()
                 datasets_logger.setLevel(logging.ERROR)
+                hub_logger.setLevel(logging.ERROR)
                 warnings.filterwarnings("ignore", module="sklearn")
                 warnings.filterwarnings("ignore", category=FutureWarning)
             yield
@@ -458,8 +460,9 @@ def _output(verbose: bool):
         package.propagate = True
         package.setLevel(saved[0])
         datasets_logger.setLevel(saved[1])
-        transformers.utils.logging.set_verbosity(saved[2])
-        if saved[3]:
+        hub_logger.setLevel(saved[2])
+        transformers.utils.logging.set_verbosity(saved[3])
+        if saved[4]:
             transformers.utils.logging.enable_progress_bar()
 
 
