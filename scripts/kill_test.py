@@ -193,6 +193,37 @@ def hidden_siblings(output: Path) -> list[Path]:
     return sorted(p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}."))
 
 
+def replace_output_rounds(
+    command: str, what: str, argv: list[str], output: Path, kill_at_times: list[float],
+    start_from_previous: Callable[[], object], output_state: Callable[[], str], phase, workdir: Path,
+    orphan_timeout: float, window: str, report: Callable[[KillRound], None],
+) -> list[KillRound]:
+    """Kill rounds of a command that replaces ``output`` (``--overwrite``): after each kill OUT
+    must be the previous or the new ``what``, no process may survive, and a rerun must give the
+    new one and leave no hidden siblings."""
+    rounds = []
+    for index, kill_at in enumerate(kill_at_times):
+        start_from_previous()
+        log = workdir / f"kill-{index:02d}.log"
+        killed_in, orphans = run_and_kill(argv, {}, kill_at, phase, log, orphan_timeout, window == "work")
+        result = KillRound(command, index, kill_at, killed_in, output_state(), orphans)
+        if result.output not in ("previous", "new"):
+            result.problems.append(f"OUT after the kill is {result.output}, not the previous or the new {what}")
+        if orphans:
+            result.problems.append(f"{orphans} process(es) outlived the killed {command} by {orphan_timeout} s")
+        result.leftovers = len(hidden_siblings(output))
+        status, *_ = run(argv, command_environment(uuid.uuid4().hex), log.with_suffix(".rerun.log"))
+        state, remaining = output_state(), hidden_siblings(output)
+        result.rerun_ok = status == 0 and state == "new" and not remaining
+        if not result.rerun_ok:
+            result.problems.append(
+                f"rerun: exit {status}, OUT {state}, left {[p.name for p in remaining]}: {tail(log.with_suffix('.rerun.log'))}"
+            )
+        report(result)
+        rounds.append(result)
+    return rounds
+
+
 def convert_rounds(
     workdir: Path, kills: int = 20, seed: int = 0, n_cells: int = 20_000, n_genes: int = 2000, num_proc: int = 2,
     orphan_timeout: float = 5.0, window: str = "run", report: Callable[[KillRound], None] = lambda r: None,
@@ -227,14 +258,17 @@ def convert_rounds(
         except FileNotFoundError:
             return "no output"
 
-    def start_from_previous() -> int:
+    previous_inode = None  # of the copied previous dataset: the same inode after a kill means not yet swapped
+
+    def start_from_previous() -> None:
+        nonlocal previous_inode
         shutil.rmtree(output, ignore_errors=True)
         for leftover in hidden_siblings(output):
             shutil.rmtree(leftover)
         shutil.copytree(previous, output)
-        return os.stat(output).st_ino
+        previous_inode = os.stat(output).st_ino
 
-    previous_inode = start_from_previous()
+    start_from_previous()
     status, duration, work_began = run(argv, command_environment("baseline"), workdir / "baseline.log", phase)
     if status != 0:
         raise RuntimeError(f"the uninterrupted conversion failed (exit {status}): {tail(workdir / 'baseline.log')}")
@@ -249,29 +283,11 @@ def convert_rounds(
             return f"broken ({type(error).__name__}: {error})"
         return next((name for name, value in expected.items() if value == digest), f"other ({digest[0]} cells)")
 
-    rounds = []
     window_length = duration - work_began if window == "work" else duration
-    for index, kill_at in enumerate(kill_times(window_length, kills, seed)):
-        previous_inode = start_from_previous()
-        log = workdir / f"kill-{index:02d}.log"
-        killed_in, orphans = run_and_kill(argv, {}, kill_at, phase, log, orphan_timeout, window == "work")
-        result = KillRound("convert", index, kill_at, killed_in, output_state(), orphans)
-        if result.output not in ("previous", "new"):
-            result.problems.append(f"OUT after the kill is {result.output}, not the previous or the new dataset")
-        if orphans:
-            result.problems.append(f"{orphans} process(es) outlived the killed conversion by {orphan_timeout} s")
-        result.leftovers = len(hidden_siblings(output))
-        status, *_ = run(argv, command_environment(uuid.uuid4().hex), log.with_suffix(".rerun.log"))
-        state, remaining = output_state(), hidden_siblings(output)
-        result.rerun_ok = status == 0 and state == "new" and not remaining
-        if not result.rerun_ok:
-            result.problems.append(
-                f"rerun: exit {status}, OUT {state}, left {[p.name for p in remaining]}: "
-                f"{tail(log.with_suffix('.rerun.log'))}"
-            )
-        report(result)
-        rounds.append(result)
-    return rounds
+    return replace_output_rounds(
+        "convert", "dataset", argv, output, kill_times(window_length, kills, seed), start_from_previous, output_state,
+        phase, workdir, orphan_timeout, window, report,
+    )
 
 
 # -- push -----------------------------------------------------------------------------------------------
@@ -654,28 +670,11 @@ def predict_rounds(
         raise RuntimeError(f"the uninterrupted prediction failed (exit {status}): {tail(workdir / 'baseline.log')}")
     expected["new"] = predictions_digest(output)
 
-    rounds = []
     window_length = duration - work_began if window == "work" else duration
-    for index, kill_at in enumerate(kill_times(window_length, kills, seed)):
-        start_from_previous()
-        log = workdir / f"kill-{index:02d}.log"
-        killed_in, orphans = run_and_kill(argv, {}, kill_at, phase, log, orphan_timeout, window == "work")
-        result = KillRound("predict", index, kill_at, killed_in, output_state(), orphans)
-        if result.output not in ("previous", "new"):
-            result.problems.append(f"OUT after the kill is {result.output}, not the previous or the new predictions")
-        if orphans:
-            result.problems.append(f"{orphans} process(es) outlived the killed prediction by {orphan_timeout} s")
-        result.leftovers = len(hidden_siblings(output))
-        status, *_ = run(argv, command_environment(uuid.uuid4().hex), log.with_suffix(".rerun.log"))
-        state, remaining = output_state(), hidden_siblings(output)
-        result.rerun_ok = status == 0 and state == "new" and not remaining
-        if not result.rerun_ok:
-            result.problems.append(
-                f"rerun: exit {status}, OUT {state}, left {[p.name for p in remaining]}: {tail(log.with_suffix('.rerun.log'))}"
-            )
-        report(result)
-        rounds.append(result)
-    return rounds
+    return replace_output_rounds(
+        "predict", "predictions", argv, output, kill_times(window_length, kills, seed), start_from_previous, output_state,
+        phase, workdir, orphan_timeout, window, report,
+    )
 
 
 # -- report ------------------------------------------------------------------------------------------------

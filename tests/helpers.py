@@ -38,3 +38,17 @@ def synthetic_counts(n_cells: int = 90, n_genes: int = 60, seed: int = 0) -> tup
         rates[cell_type, cell_type * 10 : cell_type * 10 + 10] = 12.0
     counts = rng.poisson(rates[labels]).astype(np.float32)
     return counts, labels, [f"GENE{i}" for i in range(n_genes)]
+
+
+# The first lines of a script run with `python -I` where scrnalf_hf must be unavailable: it proves
+# that before anything loads, so a checkpoint's remote code is what runs.
+WITHOUT_PACKAGE = """
+import sys
+sys.modules["scrnalf_hf"] = None
+try:
+    import scrnalf_hf
+except ImportError:
+    pass
+else:
+    raise SystemExit("scrnalf_hf must not be importable here")
+"""

@@ -19,22 +19,16 @@ import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
+from helpers import WITHOUT_PACKAGE
 from hub_server import local_hub  # noqa: F401 - fixture
 
 from scrnalf_cli import main as scrnalf
 
 REPO_ID = "org/pbmc-first-hour"
 
-PIPELINE_WITHOUT_PACKAGE = textwrap.dedent(
+PIPELINE_WITHOUT_PACKAGE = WITHOUT_PACKAGE + textwrap.dedent(
     """
     import json, sys
-    sys.modules["scrnalf_hf"] = None
-    try:
-        import scrnalf_hf
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("scrnalf_hf must not be importable here")
     import anndata as ad
     from transformers import pipeline
 

@@ -64,7 +64,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -79,13 +78,13 @@ import anndata as ad
 import datasets
 import numpy as np
 import pandas as pd
-import psutil
 import pyarrow as pa
 import scipy.sparse as sp
 from datasets.arrow_writer import ArrowWriter
 from datasets.utils.py_utils import asdict
 from tqdm.auto import tqdm
 
+from ..staging import WRITER_FILE, record_writer, writer_is_running
 from .anndata_io import (
     ExpressionSource,
     check_cells_and_labels,
@@ -95,7 +94,6 @@ from .anndata_io import (
 
 GENES_FILE = "genes.json"
 DATASET_FILES = (GENES_FILE, datasets.config.DATASET_INFO_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME)
-WRITER_FILE = ".scrnalf-writer.json"
 DEFAULT_CHUNK_SIZE = 8192
 DEFAULT_CELLS_PER_SHARD = 100_000
 
@@ -509,7 +507,7 @@ def convert_anndata(
                 f"cannot write in {output_dir.parent} ({error.strerror}); choose an output folder you can write to."
             ) from error
         try:
-            _record_writer(staging)
+            record_writer(staging)
             jobs = [
                 (start, stop, staging / f"data-{i:05d}-of-{len(bounds):05d}.arrow")
                 for i, (start, stop) in enumerate(bounds)
@@ -565,32 +563,6 @@ _LEFTOVER_NAME = re.compile(r"(?P<kind>incomplete|replaced)-(?:(?P<pid>\d+)-)?[0
 def _sibling(output_dir: Path, kind: str) -> Path:
     """A hidden folder next to ``output_dir`` whose name carries this process's id."""
     return output_dir.parent / f".{output_dir.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _record_writer(staging: Path) -> None:
-    """Records who writes ``staging``: the start time tells a reused pid from the writer, the host
-    tells a folder on a shared file system written by another machine."""
-    record = {"pid": os.getpid(), "create_time": psutil.Process().create_time(), "host": socket.gethostname()}
-    (staging / WRITER_FILE).write_text(json.dumps(record))
-
-
-def _writer_is_running(folder: Path, pid: int) -> bool:
-    try:
-        record = json.loads((folder / WRITER_FILE).read_text())
-    except (OSError, ValueError):
-        record = {}  # not written yet, or removed just before the folder moved into place
-    if record.get("host", socket.gethostname()) != socket.gethostname():
-        return True  # another machine's process cannot be checked from here
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        started = record.get("create_time")
-        return started is None or abs(process.create_time() - started) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # another user's process: it exists, and we may not judge it
 
 
 def _is_converted_dataset(folder: str | Path) -> bool:
@@ -667,7 +639,7 @@ def remove_interrupted_leftovers(output_dir: str | Path) -> list[Path]:
             )
             continue
         pid = int(match["pid"])
-        if _writer_is_running(folder, pid):
+        if writer_is_running(folder, pid):
             continue
         if match["kind"] == "replaced" and not output_dir.exists() and _is_converted_dataset(folder):
             os.rename(folder, output_dir)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import WITHOUT_PACKAGE
 from hub_server import LABELS, cells, local_hub, tiny_run  # noqa: F401 - fixtures
 from huggingface_hub import hf_hub_download
 from transformers import AutoFeatureExtractor, AutoModel, AutoModelForSequenceClassification, Trainer, TrainingArguments
@@ -24,17 +25,10 @@ REPO_ID = "org/scrna-longformer-tiny"
 
 # Runs with `python -I` from an empty folder: scrnalf_hf is neither installed on this path nor
 # importable from the repo, and the assertion below proves it before anything loads.
-LOAD_WITHOUT_PACKAGE = textwrap.dedent(
+LOAD_WITHOUT_PACKAGE = WITHOUT_PACKAGE + textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    sys.modules["scrnalf_hf"] = None
-    try:
-        import scrnalf_hf
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("scrnalf_hf must not be importable here")
     import torch
     from transformers import AutoFeatureExtractor, AutoModel, pipeline
 
