@@ -15,7 +15,10 @@ Generative model, per cell ``c`` and gene ``g`` (natural-log scale ``eta``):
   and not upstream (the edges are causal, not just correlated);
 - every cell type has marker genes raised by ``marker_log_fold_change``;
 - optional: a pseudotime ``t ~ U(0, 1)`` that moves trajectory genes linearly, a per-batch gene
-  shift, a second species whose orthologous genes share the human gene's programme;
+  shift, a second species whose orthologous genes share the human gene's programme (with a
+  per-gene log shift of ``species_shift_sd``); a fraction of those orthologs are one-to-many:
+  two mouse paralogs that share the programme and split the expression (shares ``p`` and
+  ``1 - p``, ``p ~ U(0.3, 0.7)``), so that their sum behaves like a one-to-one ortholog;
 - mean count ``m = library_size * exp(eta) / sum_g exp(base_log_mean)``; counts are
   negative binomial (gamma–Poisson, inverse dispersion ``nb_theta``), then technical dropout sets
   a count to zero with probability ``dropout / (1 + m)`` (low-expressed genes drop out most).
@@ -23,6 +26,13 @@ Generative model, per cell ``c`` and gene ``g`` (natural-log scale ``eta``):
 Cells are drawn in fixed blocks of ``_BLOCK_CELLS`` with one random stream per block, so
 :func:`simulate` and :func:`write_simulated_h5ad` give the same cells for the same seed, and
 the chunk-wise writer never holds more than one block in memory.
+
+:func:`simulate_two_species` splits a two-species simulation into one AnnData per species plus
+the human–mouse ortholog table, the inputs of the cross-species model.
+
+Gene names: human symbols are upper case (``SIMG00012``), mouse symbols title case
+(``Simm00012``); one-to-one orthologs share the number. The second paralog of a one-to-many
+gene is an extra mouse gene numbered after the ``n_genes`` mouse genes (``Simm00500``, ...).
 """
 
 from __future__ import annotations
@@ -65,7 +75,21 @@ class SimulationSettings:
         trajectory_fraction: fraction of genes whose level follows pseudotime.
         trajectory_log_fold_change: natural-log change of a trajectory gene from t=0 to t=1.
         second_species: whether half of the cells are mouse cells measured on mouse genes.
-        ortholog_fraction: fraction of human genes with a one-to-one mouse ortholog.
+        ortholog_fraction: fraction of human genes with a mouse ortholog (one-to-one or
+            one-to-many); mouse genes without one are mouse-specific: own baseline, no programme.
+        one_to_many_fraction: fraction of the human genes *with* an ortholog whose mouse side
+            is two paralogs instead of one (needs ``second_species``). The first paralog is the
+            gene's usual mouse slot, the second an extra mouse gene appended after the
+            ``n_genes`` mouse genes, so mouse then has more genes than human. Both paralogs
+            carry the human gene's programme and split its mouse expression into shares ``p``
+            and ``1 - p`` with ``p ~ U(0.3, 0.7)`` per gene, so their sum behaves like a
+            one-to-one ortholog. Chosen separately among orthologous marker genes and the other
+            orthologous genes (``round(fraction × count)`` of each, and at least one marker when
+            the fraction is positive), so cell-type markers are always among them. The draws
+            come from their own random stream: the rest of the plan and every cell's type,
+            batch, species and library size are the same as with ``one_to_many_fraction=0``.
+        species_shift_sd: standard deviation of the per-gene natural-log shift of a mouse
+            ortholog's baseline from its human gene.
         n_proteins: surface proteins measured alongside RNA (``obsm["protein"]``), each tied to
             one marker gene.
         seed: seed of every random draw.
@@ -91,6 +115,8 @@ class SimulationSettings:
     trajectory_log_fold_change: float = 2.0
     second_species: bool = False
     ortholog_fraction: float = 0.8
+    one_to_many_fraction: float = 0.0
+    species_shift_sd: float = 0.3
     n_proteins: int = 0
     seed: int = 0
 
@@ -110,6 +136,12 @@ class SimulationSettings:
                 f"{n_free} of {self.n_genes} are; raise n_genes or lower markers_per_type or "
                 "module_fraction."
             )
+        if not 0.0 <= self.one_to_many_fraction <= 1.0:
+            raise ValueError(f"one_to_many_fraction must be in [0, 1], got {self.one_to_many_fraction}.")
+        if self.one_to_many_fraction > 0 and not self.second_species:
+            raise ValueError("one_to_many_fraction > 0 needs second_species=True.")
+        if self.species_shift_sd < 0:
+            raise ValueError(f"species_shift_sd must be non-negative, got {self.species_shift_sd}.")
         if self.n_proteins > self.markers_per_type * self.n_cell_types:
             raise ValueError(
                 f"n_proteins={self.n_proteins} exceeds the number of marker genes "
@@ -134,6 +166,9 @@ class _GenePlan:
     # second species: mouse gene j is the ortholog of human gene mouse_ortholog_of[j], or -1
     mouse_ortholog_of: np.ndarray  # (genes,) int
     mouse_base_log_mean: np.ndarray  # (genes,)
+    # one-to-many: extra mouse gene n_genes + k is the second paralog of human gene mouse_paralog_of[k]
+    mouse_paralog_of: np.ndarray  # (extra,) int, sorted
+    mouse_paralog_base_log_mean: np.ndarray  # (extra,)
     protein_gene: np.ndarray  # (proteins,) human gene index each protein is tied to
     log_normaliser: float  # log of sum_g exp(base_log_mean)
 
@@ -177,8 +212,17 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
 
     mouse_ortholog_of = np.where(rng.random(n_genes) < settings.ortholog_fraction, np.arange(n_genes), -1)
     mouse_base_log_mean = np.where(
-        mouse_ortholog_of >= 0, base_log_mean + rng.normal(0.0, 0.3, n_genes), rng.normal(0.0, 1.0, n_genes)
+        mouse_ortholog_of >= 0,
+        base_log_mean + rng.normal(0.0, settings.species_shift_sd, n_genes),
+        rng.normal(0.0, 1.0, n_genes),
     )
+    # one-to-many orthologs from a stream of their own, so the rest of the plan does not move
+    paralog_rng = np.random.default_rng([settings.seed, 2])
+    mouse_paralog_of = _one_to_many(settings, paralog_rng, mouse_ortholog_of, marker_of)
+    share = paralog_rng.uniform(0.3, 0.7, len(mouse_paralog_of))  # first paralog's share
+    unsplit = mouse_base_log_mean[mouse_paralog_of]
+    mouse_paralog_base_log_mean = unsplit + np.log1p(-share)
+    mouse_base_log_mean[mouse_paralog_of] = unsplit + np.log(share)
     protein_gene = free_genes[: settings.n_proteins * settings.markers_per_type : settings.markers_per_type]
 
     return _GenePlan(
@@ -194,9 +238,30 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
         type_proportions=type_proportions,
         mouse_ortholog_of=mouse_ortholog_of,
         mouse_base_log_mean=mouse_base_log_mean,
+        mouse_paralog_of=mouse_paralog_of,
+        mouse_paralog_base_log_mean=mouse_paralog_base_log_mean,
         protein_gene=protein_gene,
         log_normaliser=float(np.log(np.exp(base_log_mean).sum())),
     )
+
+
+def _one_to_many(
+    settings: SimulationSettings, rng: np.random.Generator, mouse_ortholog_of: np.ndarray, marker_of: np.ndarray
+) -> np.ndarray:
+    """Sorted indices of the human genes whose mouse ortholog is two paralogs.
+
+    Stratified: ``round(fraction × count)`` of the orthologous marker genes (at least one when
+    the fraction is positive) and of the other orthologous genes.
+    """
+    if settings.one_to_many_fraction == 0:
+        return np.zeros(0, dtype=np.int64)
+    has_ortholog = mouse_ortholog_of >= 0
+    chosen = []
+    for minimum, group in ((1, has_ortholog & (marker_of >= 0)), (0, has_ortholog & (marker_of < 0))):
+        genes = np.flatnonzero(group)
+        k = min(len(genes), max(minimum, int(round(settings.one_to_many_fraction * len(genes)))))
+        chosen.append(rng.choice(genes, k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 @dataclass
@@ -237,6 +302,11 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
     if settings.second_species:
         # mouse genes without a human ortholog get no programme of their own
         program = np.where((species[:, None] == 1) & (plan.mouse_ortholog_of[None, :] < 0), 0.0, program)
+        if len(plan.mouse_paralog_of):
+            # second paralogs: extra columns with the human gene's programme, mean 0 in human cells
+            extra_base = np.where(species[:, None] == 1, plan.mouse_paralog_base_log_mean[None, :], -np.inf)
+            base = np.concatenate([base, extra_base], axis=1)
+            program = np.concatenate([program, program[:, plan.mouse_paralog_of]], axis=1)
     # float32 throughout the (cells, genes) arrays: sampling is the simulator's cost
     mean = (library_size[:, None] * np.exp(base + program - plan.log_normaliser)).astype(np.float32)  # (cells, genes)
 
@@ -245,9 +315,9 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
     counts[rng.random(counts.shape, dtype=np.float32) < settings.dropout / (1.0 + mean)] = 0.0
 
     if settings.second_species:
-        # human cells fill the first n_genes columns, mouse cells the next n_genes
-        wide = np.zeros((n_cells, 2 * n_genes), dtype=np.float32)
-        wide[species == 0, :n_genes] = counts[species == 0]
+        # human cells fill the first n_genes columns, mouse cells the next n_genes (+ paralogs)
+        wide = np.zeros((n_cells, n_genes + counts.shape[1]), dtype=np.float32)
+        wide[species == 0, :n_genes] = counts[species == 0, :n_genes]
         wide[species == 1, n_genes:] = counts[species == 1]
         counts = wide
 
@@ -305,22 +375,35 @@ def _var_and_truth(settings: SimulationSettings, plan: _GenePlan) -> tuple[pd.Da
     if settings.n_batches > 1:
         truth["batch_shift"] = plan.batch_shift
     if settings.second_species:
-        mouse_symbols = np.array([f"Simm{g:05d}" for g in range(n_genes)])
+        # mouse gene j < n_genes is the ortholog of human gene j (or mouse-specific); gene
+        # n_genes + k is the second paralog of human gene mouse_paralog_of[k]
+        n_mouse = n_genes + len(plan.mouse_paralog_of)
+        human_of = np.concatenate([plan.mouse_ortholog_of, plan.mouse_paralog_of])  # (n_mouse,)
+        has = human_of >= 0
+        of = np.where(has, human_of, 0)
+        mouse_symbols = np.array([f"Simm{g:05d}" for g in range(n_mouse)])
         mouse = pd.DataFrame(
             {
-                "gene_ids": [f"ENSSIMMUSG{g:08d}" for g in range(n_genes)],
+                "gene_ids": [f"ENSSIMMUSG{g:08d}" for g in range(n_mouse)],
                 "species": "mouse",
-                "module": np.where(plan.mouse_ortholog_of >= 0, plan.module, -1),
-                "is_regulator": plan.is_regulator & (plan.mouse_ortholog_of >= 0),
-                "marker_of": np.where(plan.mouse_ortholog_of >= 0, marker_names, ""),
-                "base_log_mean": plan.mouse_base_log_mean,
-                "trajectory_slope": np.where(plan.mouse_ortholog_of >= 0, plan.trajectory_slope, 0.0),
+                "module": np.where(has, plan.module[of], -1),
+                "is_regulator": plan.is_regulator[of] & has,
+                "marker_of": np.where(has, marker_names[of], ""),
+                "base_log_mean": np.concatenate([plan.mouse_base_log_mean, plan.mouse_paralog_base_log_mean]),
+                "trajectory_slope": np.where(has, plan.trajectory_slope[of], 0.0),
             },
             index=pd.Index(mouse_symbols),
         )
         var = pd.concat([var, mouse])
-        has_ortholog = plan.mouse_ortholog_of >= 0
-        truth["orthologs"] = {"human": symbols[has_ortholog], "mouse": mouse_symbols[has_ortholog]}
+        # one row per (human, mouse) pair, in human gene order; a one-to-many gene has two rows
+        pairs = np.flatnonzero(has)
+        pairs = pairs[np.argsort(human_of[pairs], kind="stable")]
+        one_to_many = np.isin(human_of[pairs], plan.mouse_paralog_of)
+        truth["orthologs"] = {
+            "human": symbols[human_of[pairs]],
+            "mouse": mouse_symbols[pairs],
+            "homology": np.where(one_to_many, "one2many", "one2one"),
+        }
     if settings.n_proteins:
         truth["protein_names"] = np.array([f"PROT_{symbols[g]}" for g in plan.protein_gene])
         truth["protein_genes"] = symbols[plan.protein_gene]
@@ -347,8 +430,9 @@ def simulate(n_cells: int = 2000, n_genes: int = 500, *, seed: int = 0, **settin
 
     Returns:
         AnnData with
-        ``X``: (n_cells, n_genes) CSR float32 raw counts (``2 * n_genes`` columns with a second
-        species: human genes first, then mouse genes; a cell has counts only in its own species'
+        ``X``: (n_cells, n_genes) CSR float32 raw counts (with a second species, the human genes
+        first, then the ``n_genes`` mouse genes and the second paralogs of one-to-many genes,
+        ``2 * n_genes + n_one_to_many`` columns; a cell has counts only in its own species'
         columns);
         ``obs``: ``cell_type``, ``batch``, ``true_library_size`` and, when enabled,
         ``pseudotime`` and ``species``;
@@ -359,7 +443,9 @@ def simulate(n_cells: int = 2000, n_genes: int = 500, *, seed: int = 0, **settin
         ``uns["simulation"]``: the settings, cell types and their proportions, the
         (cell_types, modules) programme, ``regulatory_edges`` (source → target symbols with
         weights) and, when enabled, ``batch_shift`` (batches, genes) natural-log gene shifts,
-        ``orthologs`` (human → mouse symbols) and ``protein_names`` / ``protein_genes``.
+        ``orthologs`` (one entry per human–mouse pair: ``human`` and ``mouse`` symbols and
+        ``homology``, ``"one2one"`` or ``"one2many"``; a one-to-many human gene appears twice)
+        and ``protein_names`` / ``protein_genes``.
     """
     config = SimulationSettings(n_genes=n_genes, seed=seed, **settings)
     plan = _make_plan(config)
@@ -430,3 +516,56 @@ def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int = 2000, *,
         for empty in ("varm", "obsp", "varp", "layers"):
             write_elem(f, empty, {})
     return path
+
+
+def simulate_two_species(
+    n_cells_per_species: int = 1000, n_genes: int = 500, *, seed: int = 0, **settings
+) -> tuple[ad.AnnData, ad.AnnData, pd.DataFrame]:
+    """Simulates human and mouse cells as two AnnData objects plus their ortholog table.
+
+    Runs :func:`simulate` with ``second_species=True``, ``one_to_many_fraction=0.1`` and the
+    default ``species_shift_sd=0.3`` (each overridable through ``settings``) on enough cells
+    that both species have ``n_cells_per_species`` (a fixed number for a given
+    ``n_cells_per_species``, so the result is deterministic for a seed), then keeps the first
+    ``n_cells_per_species`` cells of each species and only that species' genes.
+
+    Args:
+        n_cells_per_species: cells of each species.
+        n_genes: human genes; mouse has as many plus one per one-to-many gene.
+        seed: seed of every random draw.
+        **settings: any other field of :class:`SimulationSettings`.
+
+    Returns:
+        ``(human, mouse, orthologs)``: two AnnData objects of raw integer counts (CSR float32
+        ``X``), each with ``obs["cell_type"]`` (the same categories in both), ``obs["species"]``,
+        ``obs["batch"]``, ``obs["true_library_size"]``, the species' symbols as ``var_names``,
+        ``var["gene_ids"]`` and the ground-truth columns of :func:`simulate`, and the
+        simulation's truth in ``uns["simulation"]``; and the ortholog table, a DataFrame with
+        columns ``human`` and ``mouse`` (symbols, one row per pair, a one-to-many gene on two
+        rows), ready for ``to_csv(path, sep="\t", index=False)``.
+    """
+    if n_cells_per_species < 1:
+        raise ValueError(f"n_cells_per_species must be at least 1, got {n_cells_per_species}.")
+    settings = {"second_species": True, "one_to_many_fraction": 0.1, **settings}
+    if not settings["second_species"]:
+        raise ValueError("simulate_two_species needs second_species=True.")
+    # cells are human or mouse with probability 1/2: 6 standard deviations of headroom
+    n_cells = 2 * n_cells_per_species + int(np.ceil(6 * np.sqrt(2 * n_cells_per_species))) + 16
+    while True:
+        both = simulate(n_cells, n_genes, seed=seed, **settings)
+        species = both.obs["species"].to_numpy()
+        if min((species == name).sum() for name in SPECIES) >= n_cells_per_species:
+            break
+        n_cells *= 2
+    cell_types = list(both.uns["simulation"]["cell_types"])
+    parts = []
+    for name in SPECIES:
+        cells = np.flatnonzero(species == name)[:n_cells_per_species]
+        genes = np.flatnonzero((both.var["species"] == name).to_numpy())
+        part = both[cells, genes].copy()
+        part.obs["cell_type"] = part.obs["cell_type"].cat.set_categories(cell_types)
+        part.obs["species"] = pd.Categorical([name] * len(part), categories=list(SPECIES))
+        parts.append(part)
+    pairs = both.uns["simulation"]["orthologs"]
+    orthologs = pd.DataFrame({"human": np.asarray(pairs["human"]), "mouse": np.asarray(pairs["mouse"])})
+    return parts[0], parts[1], orthologs

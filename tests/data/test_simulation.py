@@ -2,6 +2,7 @@
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
@@ -10,6 +11,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from scrnalf_hf.data import simulate, write_simulated_h5ad
+from scrnalf_hf.data.simulation import simulate_two_species
 
 SMALL = {"n_cell_types": 4, "markers_per_type": 5, "n_modules": 4}
 
@@ -104,3 +106,129 @@ def test_default_signal_lets_logistic_regression_separate_cell_types():
     predicted = classifier.fit(normalised[train], labels[train]).predict(normalised[test])
     macro_f1 = f1_score(labels[test], predicted, average="macro")
     assert 0.8 < macro_f1 < 0.99, macro_f1  # separable, but not trivially
+
+
+def _pairs(adata):
+    return pd.DataFrame({k: np.asarray(v) for k, v in adata.uns["simulation"]["orthologs"].items()})
+
+
+def _type_means(adata, columns, cell_types):
+    """(genes, cell types) mean log1p of normalised counts, summing the columns of each entry."""
+    counts = adata.X.toarray()
+    scale = 1e4 / counts.sum(1, keepdims=True)
+    labels = adata.obs["cell_type"].to_numpy()
+    position = {name: i for i, name in enumerate(adata.var_names)}
+    out = []
+    for genes in columns:
+        level = np.log1p(counts[:, [position[g] for g in genes]].sum(1, keepdims=True) * scale).ravel()
+        out.append([level[labels == t].mean() for t in cell_types])
+    return np.array(out)
+
+
+def test_species_shift_and_paralog_split_of_the_baseline():
+    pairs_of = {}
+    for shift in (0.0, 0.3, 1.0):
+        adata = simulate(20, 400, second_species=True, one_to_many_fraction=0.2, species_shift_sd=shift, **SMALL)
+        base = adata.var["base_log_mean"]
+        pairs = _pairs(adata)
+        one2one = pairs[pairs["homology"] == "one2one"]
+        difference = base[one2one["mouse"]].to_numpy() - base[one2one["human"]].to_numpy()
+        print(f"species_shift_sd={shift}: sd of one-to-one mouse - human baseline {difference.std():.3f}")
+        assert difference.std() == pytest.approx(shift, abs=0.1 * shift + 1e-12)
+        if shift == 0.0:  # the two paralogs split the human gene's level exactly
+            split = pairs[pairs["homology"] == "one2many"].groupby("human")["mouse"].agg(list)
+            summed = np.logaddexp(*np.array([base[m].to_numpy() for m in split]).T)
+            np.testing.assert_allclose(summed, base[split.index].to_numpy(), rtol=0, atol=1e-9)
+            share = np.exp(np.array([base[m[0]] for m in split]) - base[split.index].to_numpy())
+            assert ((share > 0.3) & (share < 0.7)).all() and share.std() > 0.02
+        pairs_of[shift] = pairs
+    # the shift moves levels only: the same genes are orthologs and one-to-many
+    assert pairs_of[0.0].equals(pairs_of[1.0])
+
+
+def test_marker_genes_include_one_to_many_genes():
+    for seed in range(4):
+        adata = simulate(20, 100, seed=seed, second_species=True, one_to_many_fraction=0.1, **SMALL)
+        pairs = _pairs(adata)
+        one2many = pairs[pairs["homology"] == "one2many"]
+        genes = one2many["human"].unique()
+        assert len(genes) == pytest.approx(0.1 * pairs["human"].nunique(), abs=2)
+        assert (one2many["human"].value_counts() == 2).all()
+        assert (pairs.loc[pairs["homology"] == "one2one", "human"].value_counts() == 1).all()
+        markers = adata.var.loc[genes, "marker_of"]
+        assert (markers != "").sum() >= 1, seed
+        # both paralogs are annotated as markers of the human gene's cell type
+        np.testing.assert_array_equal(
+            adata.var.loc[one2many["mouse"], "marker_of"], adata.var.loc[one2many["human"], "marker_of"]
+        )
+        n_mouse_genes = (adata.var["species"] == "mouse").sum()
+        assert n_mouse_genes == 100 + len(genes)
+    plain = simulate(20, 100, seed=0, second_species=True, **SMALL)
+    assert (_pairs(plain)["homology"] == "one2one").all() and plain.shape[1] == 200
+
+
+def test_summed_paralogs_track_the_human_genes_programme():
+    human, mouse, _ = simulate_two_species(
+        800, 100, seed=1, one_to_many_fraction=0.3, markers_per_type=6, n_cell_types=4, n_modules=4
+    )
+    pairs = _pairs(human)
+    split = pairs[pairs["homology"] == "one2many"].groupby("human")["mouse"].agg(list)
+    split = split[human.var.loc[split.index, "marker_of"].to_numpy() != ""]  # strong per-type profiles
+    assert len(split) >= 3
+    cell_types = list(human.obs["cell_type"].cat.categories)
+    human_profile = _type_means(human, [[g] for g in split.index], cell_types)
+    summed = _type_means(mouse, list(split), cell_types)
+    first = _type_means(mouse, [[m[0]] for m in split], cell_types)
+    second = _type_means(mouse, [[m[1]] for m in split], cell_types)
+    unrelated = np.roll(human_profile, 1, axis=0)  # another marker gene's human profile
+
+    def corr(a, b):
+        return np.array([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b)])
+
+    own, other = corr(summed, human_profile), corr(summed, unrelated)
+    print(
+        f"{len(split)} one-to-many markers: corr(sum of paralogs, own human gene) {own.round(2)}, "
+        f"with another gene {other.round(2)}; first paralog {corr(first, human_profile).round(2)}, "
+        f"second {corr(second, human_profile).round(2)}"
+    )
+    assert (own > 0.9).all() and (own > other).all()
+    assert (corr(first, human_profile) > 0.7).all() and (corr(second, human_profile) > 0.7).all()
+
+
+def test_simulate_two_species_gives_two_anndata_and_an_ortholog_table(tmp_path):
+    human, mouse, orthologs = simulate_two_species(150, 60, seed=2, **SMALL)
+    assert human.n_obs == mouse.n_obs == 150
+    assert human.n_vars == 60 and mouse.n_vars > 60  # the default one_to_many_fraction=0.1 adds paralogs
+    assert not set(human.var_names) & set(mouse.var_names)
+    assert list(human.obs["cell_type"].cat.categories) == list(mouse.obs["cell_type"].cat.categories)
+    assert (human.obs["species"] == "human").all() and (mouse.obs["species"] == "mouse").all()
+    for adata in (human, mouse):
+        assert adata.X.format == "csr" and np.array_equal(adata.X.data, np.round(adata.X.data))
+        assert (adata.X.data > 0).all() and adata.var["gene_ids"].is_unique
+    assert human.var_names.str.isupper().all() and mouse.var_names.str.istitle().all()
+    assert list(orthologs.columns) == ["human", "mouse"] and not orthologs.duplicated().any()
+    assert orthologs["human"].isin(human.var_names).all() and orthologs["mouse"].isin(mouse.var_names).all()
+    assert orthologs["human"].duplicated().any() and orthologs["mouse"].is_unique  # one-to-many rows
+    path = tmp_path / "orthologs.tsv"
+    orthologs.to_csv(path, sep="\t", index=False)
+    pd.testing.assert_frame_equal(pd.read_csv(path, sep="\t"), orthologs)
+    tiny_human, tiny_mouse, _ = simulate_two_species(3, 60, seed=2, **SMALL)  # fewer cells than types
+    assert tiny_human.n_obs == tiny_mouse.n_obs == 3
+    assert list(tiny_mouse.obs["cell_type"].cat.categories) == list(human.uns["simulation"]["cell_types"])
+    with pytest.raises(ValueError, match="second_species"):
+        simulate_two_species(10, 60, second_species=False, **SMALL)
+
+
+def test_simulate_two_species_is_deterministic_and_one_to_many_keeps_the_cells():
+    a = simulate_two_species(100, 60, seed=5, **SMALL)
+    b = simulate_two_species(100, 60, seed=5, **SMALL)
+    c = simulate_two_species(100, 60, seed=6, **SMALL)
+    for x, y in zip(a[:2], b[:2]):
+        assert (x.X != y.X).nnz == 0 and x.obs.equals(y.obs) and x.var.equals(y.var)
+    assert a[2].equals(b[2])
+    assert (a[0].X != c[0].X).nnz > 0 or a[0].shape != c[0].shape
+    # one-to-many changes mouse genes only: the same cells (types, libraries) and human plan
+    plain = simulate_two_species(100, 60, seed=5, one_to_many_fraction=0.0, **SMALL)
+    assert plain[0].obs.equals(a[0].obs) and plain[1].obs.equals(a[1].obs)
+    assert plain[0].var.equals(a[0].var) and plain[1].n_vars == 60 < a[1].n_vars
+
