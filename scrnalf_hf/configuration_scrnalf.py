@@ -51,8 +51,11 @@ class ScrnaLongformerConfig(PreTrainedConfig):
         class_weights: optional per-class loss weights for cell classification (length num_labels).
         label_smoothing: label smoothing of the cell classifier's cross-entropy (set by the
             Trainer from ``--label_smoothing_factor``).
-        species: names of the species the model knows (reserved for cross-species heads; a
-            single-species model leaves it ``None``).
+        species: names of the species the model knows, e.g. ``["human", "mouse"]``: inputs then
+            carry each cell's species (an index into this list), and the model learns a species
+            token and a per-species adapter of its gene tokens; the gene panel is a union of
+            ortholog groups and species-specific genes (the processor maps each species' genes
+            onto it). A single-species model leaves it ``None``.
         modalities: extra modalities and their feature counts, e.g. ``{"protein": 30}``
             (reserved for multimodal heads; RNA-only models leave it ``None``).
         layer_norm_eps: epsilon of every LayerNorm.
@@ -116,6 +119,8 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+        if self.species is not None and (not self.species or len(set(self.species)) != len(self.species)):
+            raise ValueError(f"species must list distinct species names, got {self.species}.")
         if self.class_weights is not None and self.id2label is not None:
             if len(self.class_weights) != len(self.id2label):
                 raise ValueError(

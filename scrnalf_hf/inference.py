@@ -84,14 +84,18 @@ def _predicting_task(model: ScrnaLongformerPreTrainedModel) -> Task:
     return task
 
 
-def _overlap(processor: ScrnaLongformerProcessor, gene_names, gene_ids, where: str) -> dict:
+def _overlap(processor: ScrnaLongformerProcessor, gene_names, gene_ids, where: str, species: str | None = None) -> dict:
     """Which panel genes the input measures (checked against the processor's thresholds).
 
     ``"report"`` is the line the run logs once the first chunk has gone through the model, so that
     input refused on its values ends in the error alone.
     """
-    alignment = processor.align_genes(gene_names, gene_ids)
+    alignment = processor.align_genes(gene_names, gene_ids, species=species)
+    record = {"species": alignment.species} if alignment.species is not None else {}
+    if alignment.n_shared is not None:
+        record["matched_in_shared_ortholog_groups"] = alignment.n_shared
     return {
+        **record,
         "report": f"reading {where}: {alignment}",
         "matrix": where,
         "panel_genes": alignment.n_vocab,
@@ -113,13 +117,16 @@ def _annotated_chunks(
     gene_ids: list[str] | None,
     where: str,
     overlap_report: str,
+    species: str | None = None,
 ) -> Iterator[tuple[int, ad.AnnData]]:
     """For each ``(first row, cells × genes matrix)`` chunk, an AnnData of those cells (no X)
     holding what the run writes: the task's predictions (``task`` None: none) and the embeddings."""
     model.eval()
     for first, matrix in chunks:
-        features = processor(matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where)
-        output = model(expression=features["expression"], attention_mask=features["attention_mask"])
+        features = processor(
+            matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where, species=species
+        )
+        output = model(**features)
         cells = ad.AnnData(obs=obs.iloc[first : first + matrix.shape[0]].copy())
         if task is not None:
             task.write_predictions(cells, task.predictions(output.logits.float().numpy()), model.config)
@@ -145,14 +152,19 @@ def _run_record(model, overlap: dict) -> dict:
     }
 
 
-def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int) -> None:
+def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int, species: str | None = None) -> None:
     """Run ``model`` over an in-memory AnnData and write what it produces into it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}.")
     matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
-    overlap = _overlap(processor, names, ids, where)
+    overlap = _overlap(processor, names, ids, where, species)
     chunks = ((first, matrix[first : first + batch_size]) for first in range(0, adata.n_obs, batch_size))
-    parts = [cells for _, cells in _annotated_chunks(model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"))]
+    parts = [
+        cells
+        for _, cells in _annotated_chunks(
+            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species
+        )
+    ]
     if parts:
         written = ad.concat(parts, merge="first", uns_merge="first")
         for column in _written_columns(written):
@@ -167,25 +179,27 @@ def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int) ->
 
 def embed(
     adata, model: ScrnaLongformerPreTrainedModel, processor: ScrnaLongformerProcessor,
-    *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256,
+    *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256, species: str | None = None,
 ) -> None:
     """Write cell embeddings (n_cells, d_model) to ``adata.obsm["X_scrnalf"]`` and the run to
-    ``adata.uns["scrnalf"]``. Any head's checkpoint embeds (its encoder's cell embedding)."""
-    _annotate(adata, model, processor, None, layer, use_raw, batch_size)
+    ``adata.uns["scrnalf"]``. Any head's checkpoint embeds (its encoder's cell embedding).
+    ``species``: the cells' species, for a model of several species."""
+    _annotate(adata, model, processor, None, layer, use_raw, batch_size, species)
 
 
 def predict(
     adata, model: ScrnaLongformerPreTrainedModel, processor: ScrnaLongformerProcessor,
-    *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256,
+    *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256, species: str | None = None,
 ) -> None:
     """Write the model's predictions into ``adata`` as its task declares (module docstring), the
     cell embeddings into ``obsm["X_scrnalf"]`` and the run into ``uns["scrnalf"]``.
+    ``species``: the cells' species, for a model of several species.
 
     Raises:
         ValueError: the model has no prediction head (a pretrained masked-gene model or the bare
             encoder): it embeds cells, or is fine-tuned first.
     """
-    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size)
+    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +269,7 @@ class _FileWriter:
 def _process_file(
     model_name_or_path: str, input_path, output_path, head: bool, *, layer: str | None = None,
     use_raw: bool | None = None, batch_size: int = 256, overwrite: bool = False, revision: str | None = None,
+    species: str | None = None,
 ) -> None:
     import h5py
 
@@ -280,7 +295,7 @@ def _process_file(
                     f"{input_path} has {source.n_cells} cells × {source.n_genes} genes in {where}: nothing to "
                     f"{'predict' if head else 'embed'}. Check the filters that made it."
                 )
-            overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where)
+            overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where, species)
             try:
                 shutil.copyfile(input_path, staging)
             except PermissionError as error:
@@ -291,7 +306,7 @@ def _process_file(
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
                     model, processor, task, source.row_chunks(batch_size), source.obs, source.gene_symbols,
-                    source.gene_ids, where, overlap.pop("report"),
+                    source.gene_ids, where, overlap.pop("report"), species,
                 )
                 for first, cells in chunks:
                     writer.add(first, cells)

@@ -111,6 +111,11 @@ class ScrnaLongformerEmbeddings(nn.Module):
     embedding.
 
     Input ``expression`` (batch, G) float; output (batch, 1 + G, d_model), CLS first.
+
+    A model of several species (``config.species``) also has, per species, a species token
+    (added to CLS) and a small adapter of the gene tokens — a scale and a shift per channel,
+    ``token ⊙ (1 + scale_s) + shift_s`` — both starting at zero, i.e. as the identity: the trunk
+    is shared, and a species without training cells is read exactly like the others.
     """
 
     def __init__(self, config: ScrnaLongformerConfig, use_mask_token: bool = False):
@@ -120,7 +125,20 @@ class ScrnaLongformerEmbeddings(nn.Module):
         self.value_bins = nn.Embedding(config.n_value_bins, config.d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(config.d_model)) if use_mask_token else None
         self.cls_embedding = nn.Parameter(torch.zeros(config.d_model))
+        n_species = len(config.species or ())
+        self.species_embeddings = nn.Embedding(n_species, config.d_model) if n_species else None
+        self.species_scale = nn.Embedding(n_species, config.d_model) if n_species else None
+        self.species_shift = nn.Embedding(n_species, config.d_model) if n_species else None
         self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def adapt_to_species(self, tokens: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """(batch, 1 + G, d) tokens of cells of ``species`` (batch,) ids -> the same, with the
+        species token added to CLS and each species' adapter applied to its cells' gene tokens."""
+        scale = self.species_scale(species).unsqueeze(1).to(tokens.dtype)  # (batch, 1, d)
+        shift = self.species_shift(species).unsqueeze(1).to(tokens.dtype)
+        genes = tokens[:, 1:] * (1 + scale) + shift
+        cls = tokens[:, :1] + self.species_embeddings(species).unsqueeze(1).to(tokens.dtype)
+        return torch.cat([cls, genes], dim=1)
 
     def encode_values(self, expression: torch.Tensor) -> torch.Tensor:
         """(batch, G) values -> (batch, G, d_model) soft-binned value embeddings."""
@@ -575,6 +593,10 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.cls_embedding, mean=0.0, std=1.0)
             if module.mask_embedding is not None:
                 init.normal_(module.mask_embedding, mean=0.0, std=1.0)
+            if module.species_embeddings is not None:
+                # The identity: species differ only by what they learn.
+                for table in (module.species_embeddings, module.species_scale, module.species_shift):
+                    init.zeros_(table.weight)
         elif isinstance(module, ScrnaLongformerModel):
             init.copy_(module.gene_neighbors, default_gene_neighbors(self.config.n_genes, self.config.knn_k))
 
@@ -711,6 +733,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         expression: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
+        species: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -722,6 +745,8 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
                 genes absent from it (zero-filled); absent genes are never attended to.
             masked_positions: (batch, G) bool; those genes' values are hidden from the input
                 (only for a model built with ``use_mask_token=True``).
+            species: (batch,) int, each cell's species as an index into ``config.species``
+                (models of several species; optional when the model knows one).
             output_attentions, output_hidden_states, return_dict: as everywhere in transformers;
                 ``return_dict=False`` returns a tuple.
         """
@@ -731,6 +756,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         gene_mask, masked_positions = self._checked_inputs(expression, attention_mask, masked_positions)
+        species = self._checked_species(species, expression)
         attention_function = self.attention_function(output_attentions)
         batch = expression.shape[0]
         step = max(batch, 1) if torch.is_grad_enabled() else self.inference_chunk_cells()
@@ -739,6 +765,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
                 expression[start : start + step],
                 gene_mask[start : start + step],
                 None if masked_positions is None else masked_positions[start : start + step],
+                None if species is None else species[start : start + step],
                 attention_function,
                 output_attentions,
                 output_hidden_states,
@@ -762,6 +789,7 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         selected: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
+        species: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Final-normalised states of the selected genes only, for a loss over a few of them.
 
@@ -779,11 +807,12 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
             (n_selected, d_model), in the row-major order of ``selected``.
         """
         gene_mask, masked_positions = self._checked_inputs(expression, attention_mask, masked_positions)
+        species = self._checked_species(species, expression)
         _check_same_shape("selected", selected, expression)
         # Flat indices into the (b, 1 + G) tokens; the CLS column is never selected.
         rows = F.pad(selected.bool(), (1, 0)).reshape(-1).nonzero().squeeze(1)
         hidden, _, _ = self._run_encoder(
-            expression, gene_mask, masked_positions, self.attention_function(False), False, False, rows
+            expression, gene_mask, masked_positions, species, self.attention_function(False), False, False, rows
         )
         return self.final_norm(hidden)
 
@@ -805,6 +834,30 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         _check_same_shape("attention_mask", attention_mask, expression)
         return attention_mask.bool(), masked_positions
 
+    def _checked_species(self, species: torch.Tensor | None, expression: torch.Tensor) -> torch.Tensor | None:
+        """(batch,) long species ids of a multi-species model (zeros where it knows one species and
+        none were given); None for a model without species."""
+        known = self.config.species or []
+        if not known:
+            if species is not None:
+                raise ValueError("species were given, but this model knows no species (config.species is None).")
+            return None
+        if species is None:
+            if len(known) > 1:
+                raise ValueError(
+                    f"this model knows the species {known}; pass species (batch,) ids into that list "
+                    "(the processor returns them: processor(adata, species='mouse'))."
+                )
+            return torch.zeros(expression.shape[0], dtype=torch.long, device=expression.device)
+        if species.dim() != 1 or species.shape[0] != expression.shape[0] or species.is_floating_point():
+            raise ValueError(
+                f"species must be (batch,) integer ids, got {species.dtype} of shape {tuple(species.shape)} for "
+                f"{expression.shape[0]} cells."
+            )
+        if not torch.compiler.is_compiling() and len(species) and (int(species.min()) < 0 or int(species.max()) >= len(known)):
+            raise ValueError(f"species ids must lie in [0, {len(known)}) for the species {known}.")
+        return species.long()
+
     def inference_chunk_cells(self) -> int:
         """Cells per forward chunk when no gradient is kept: cells are independent, and a chunk
         whose widest activation (tokens × max(3·d, MLP width) floats) is about 8 MB stays in the
@@ -815,8 +868,8 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
         return max(1, _INFERENCE_CHUNK_FLOATS // (n_tokens * widest))
 
     def _run_encoder(
-        self, expression, gene_mask, masked_positions, attention_function, output_attentions, output_hidden_states,
-        rows=None,
+        self, expression, gene_mask, masked_positions, species, attention_function, output_attentions,
+        output_hidden_states, rows=None,
     ):
         """Embeddings and layers of validated cells: the residual stream (b, 1 + G, d), or (n, d)
         at ``rows`` (see ``ScrnaLongformerEncoder``), and the per-layer outputs asked for."""
@@ -829,16 +882,20 @@ class ScrnaLongformerModel(ScrnaLongformerPreTrainedModel):
             )
         else:
             tokens = self.embeddings(expression, masked_positions, attention_function)
+        if species is not None:
+            tokens = self.embeddings.adapt_to_species(tokens, species)
         return self.encoder(
             tokens, self.gene_neighbors, key_mask, attention_function, output_attentions, output_hidden_states, rows
         )
 
     def _encode(
-        self, expression, gene_mask, masked_positions, attention_function, output_attentions, output_hidden_states
+        self, expression, gene_mask, masked_positions, species, attention_function, output_attentions,
+        output_hidden_states,
     ) -> ScrnaLongformerModelOutput:
         """The forward pass of one chunk of cells, already validated."""
         hidden, all_hidden, all_attentions = self._run_encoder(
-            expression, gene_mask, masked_positions, attention_function, output_attentions, output_hidden_states
+            expression, gene_mask, masked_positions, species, attention_function, output_attentions,
+            output_hidden_states,
         )
         arguments = (self.final_norm, self.config.pooling, hidden, gene_mask)
         if self.config.kernel_implementation == "compiled":
@@ -882,6 +939,7 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         masked_positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        species: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -889,6 +947,7 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
     ) -> MaskedGeneModelingOutput | tuple:
         r"""
         Args:
+            species: (batch,) species ids (see ``ScrnaLongformerModel.forward``).
             masked_positions: (batch, G) bool, the genes whose values are hidden from the input and
                 scored by the loss.
             labels: (batch, G) float target values (usually the unmasked ``expression``); the
@@ -918,6 +977,7 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
                 expression,
                 attention_mask=attention_mask,
                 masked_positions=masked_positions,
+                species=species,
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
@@ -938,7 +998,8 @@ class ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerPreTrainedModel):
         else:
             masked_positions = masked_positions.bool()
             states = self.scrna_longformer.selected_gene_states(
-                expression, masked_positions, attention_mask=attention_mask, masked_positions=masked_positions
+                expression, masked_positions, attention_mask=attention_mask, masked_positions=masked_positions,
+                species=species,
             )  # (n_masked, d)
             masked_predictions = self._predict(states)  # (n_masked,)
             loss = None
@@ -975,12 +1036,14 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         expression: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        species: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> CellClassifierOutput | tuple:
         r"""
         Args:
+            species: (batch,) species ids (see ``ScrnaLongformerModel.forward``).
             labels: (batch,) int class ids in ``[0, num_labels)`` for single-label classification,
                 (batch, num_labels) float 0/1 for multi-label classification, (batch,) or
                 (batch, num_labels) float targets for regression.
@@ -989,6 +1052,7 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         outputs = self.scrna_longformer(
             expression,
             attention_mask=attention_mask,
+            species=species,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,

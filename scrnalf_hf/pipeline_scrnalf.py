@@ -25,6 +25,7 @@ class CellTypeClassificationPipeline(Pipeline):
     Args (call time):
         gene_names: gene names of a matrix input's columns.
         layer / use_raw: where to read an AnnData's values (processor defaults otherwise).
+        species: the cells' species, for a model of several species (e.g. ``"mouse"``).
         top_k: number of labels per cell; ``None`` returns only the best one as a dict.
         cell_batch_size: cells per forward pass (bounds memory on large inputs).
     """
@@ -34,10 +35,12 @@ class CellTypeClassificationPipeline(Pipeline):
     _load_image_processor = False
     _load_processor = False
 
-    def _sanitize_parameters(self, gene_names=None, layer=None, use_raw=None, top_k=None, cell_batch_size=None):
+    def _sanitize_parameters(
+        self, gene_names=None, layer=None, use_raw=None, top_k=None, cell_batch_size=None, species=None
+    ):
         preprocess = {
             key: value
-            for key, value in (("gene_names", gene_names), ("layer", layer), ("use_raw", use_raw))
+            for key, value in (("gene_names", gene_names), ("layer", layer), ("use_raw", use_raw), ("species", species))
             if value is not None
         }
         forward = {} if cell_batch_size is None else {"cell_batch_size": int(cell_batch_size)}

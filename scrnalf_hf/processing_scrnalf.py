@@ -24,6 +24,18 @@ _KIND_NAMES = {"counts": "raw integer counts", "log1p": "log-normalised values (
 GENE_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "feature_id")
 
 
+# Other spellings of the species names users give (--species Homo_sapiens).
+SPECIES_ALIASES = {
+    "homo_sapiens": "human", "homo sapiens": "human", "hsapiens": "human", "hs": "human",
+    "mus_musculus": "mouse", "mus musculus": "mouse", "mmusculus": "mouse", "mm": "mouse",
+}
+
+
+def _canonical_species(name: str) -> str:
+    key = str(name).strip().lower()
+    return SPECIES_ALIASES.get(key, key)
+
+
 def gene_id_match_key(gene_id: str) -> str:
     """Ensembl ids match without their version suffix: ENSG00000141510.16 == ENSG00000141510."""
     return str(gene_id).split(".")[0].upper()
@@ -89,11 +101,17 @@ class GeneAlignment:
     """How an input's genes map onto a vocabulary.
 
     Attributes:
-        vocab_index: (n_input_genes,) int64, the vocabulary position of each input gene, -1 if absent.
+        vocab_index: (n_input_genes,) int64, the panel position (token) of each input gene, -1 if
+            absent. In a multi-species panel several genes of one species may share a token
+            (one-to-many orthologs): their values are summed (:func:`scatter_to_panel`).
         n_matched: number of vocabulary genes found in the input.
-        n_vocab: vocabulary size G.
+        n_vocab: vocabulary size: the panel's G, or for a multi-species panel the number of genes
+            of the input's species.
         matched_by: ``"gene_ids"`` or ``"gene_symbols"``.
         missing: vocabulary symbols not found in the input.
+        n_panel: the panel's G when it differs from ``n_vocab`` (multi-species panels).
+        species: the input's species in a multi-species panel.
+        n_shared: of the matched genes, those in ortholog groups shared with another species.
     """
 
     vocab_index: np.ndarray
@@ -101,6 +119,9 @@ class GeneAlignment:
     n_vocab: int
     matched_by: str
     missing: list[str] = field(default_factory=list)
+    n_panel: int | None = None
+    species: str | None = None
+    n_shared: int | None = None
 
     @property
     def fraction(self) -> float:
@@ -108,16 +129,92 @@ class GeneAlignment:
 
     @property
     def measured(self) -> np.ndarray:
-        """(n_vocab,) bool: which vocabulary genes the input measures."""
-        measured = np.zeros(self.n_vocab, dtype=bool)
+        """(G,) bool: which panel tokens the input measures."""
+        measured = np.zeros(self.n_panel or self.n_vocab, dtype=bool)
         measured[self.vocab_index[self.vocab_index >= 0]] = True
         return measured
 
+    @property
+    def collapses(self) -> bool:
+        """Whether several input genes share a panel token (their values are then summed)."""
+        found = self.vocab_index[self.vocab_index >= 0]
+        return len(np.unique(found)) < len(found)
+
     def __str__(self) -> str:
+        if self.species is None:
+            return (
+                f"{self.n_matched}/{self.n_vocab} panel genes found in the input "
+                f"({100 * self.fraction:.1f}%, matched by {self.matched_by})"
+            )
+        shared = "" if self.n_shared is None else f"; {self.n_shared} in ortholog groups shared with another species"
         return (
-            f"{self.n_matched}/{self.n_vocab} panel genes found in the input "
-            f"({100 * self.fraction:.1f}%, matched by {self.matched_by})"
+            f"{self.n_matched}/{self.n_vocab} of the model's {self.species} genes found in the input "
+            f"({100 * self.fraction:.1f}%, matched by {self.matched_by}{shared})"
         )
+
+
+def scatter_to_panel(
+    n_cells: int, n_panel: int, cell_of_entry: np.ndarray, positions: np.ndarray, values: np.ndarray, collapses: bool
+) -> np.ndarray:
+    """(n_cells, G) float32 panel from normalised entries (cell, token, value).
+
+    Where several genes of a cell share a token (``collapses``: one-to-many orthologs), the
+    token's value is the log1p of their summed normalised counts, ``log1p(Σ expm1(v))`` — for
+    counts exactly the normalised sum of the genes' counts."""
+    panel = np.zeros((n_cells, n_panel), dtype=np.float32)
+    if not collapses:
+        panel[cell_of_entry, positions] = values
+        return panel
+    linear = np.zeros((n_cells, n_panel), dtype=np.float64)
+    np.add.at(linear, (cell_of_entry, positions), np.expm1(values.astype(np.float64)))
+    np.log1p(linear, out=linear)
+    panel[:] = linear
+    return panel
+
+
+def _match_genes(
+    gene_names: Sequence[str], gene_ids: Sequence[str] | None, vocab_symbols: Sequence[str], vocab_ids: Sequence[str] | None
+) -> tuple[np.ndarray, str]:
+    """(n_input,) vocabulary position of each input gene (-1: absent) and how they were matched:
+    by Ensembl id when both sides have ids (or the input names are Ensembl ids), else by symbol,
+    case-insensitively (repeated input symbols made unique first, repeated vocabulary symbols
+    matched by none)."""
+    looks_like_ids = len(gene_names) > 0 and np.mean([n.upper().startswith("ENS") for n in gene_names]) > 0.9
+    if vocab_ids is not None and (gene_ids is not None or looks_like_ids):
+        matched_by = "gene_ids"
+        input_keys = [gene_id_match_key(g) for g in (gene_ids if gene_ids is not None else gene_names)]
+        repeated = repeated_keys(input_keys)
+        if repeated:
+            raise ValueError(f"duplicate gene ids in the input: {repeated[:10]}; every gene needs its own id.")
+        vocab_keys = [gene_id_match_key(g) for g in vocab_ids]
+    else:
+        matched_by = "gene_symbols"
+        input_keys = [symbol_match_key(n) for n in make_unique(gene_names)]
+        repeated = repeated_keys([symbol_match_key(n) for n in gene_names])
+        if repeated:
+            logger.warning(
+                f"the input repeats gene symbols {repeated[:10]} and has no gene ids; the first of each is "
+                "matched to the panel (the others are renamed NAME-1, NAME-2, ... as var_names_make_unique does)."
+            )
+        vocab_keys = [symbol_match_key(s) for s in vocab_symbols]
+        ambiguous = set(repeated_keys(vocab_keys))
+        vocab_keys = [None if key in ambiguous else key for key in vocab_keys]
+    position = {key: index for index, key in enumerate(vocab_keys) if key is not None}
+    return np.array([position.get(key, -1) for key in input_keys], dtype=np.int64), matched_by
+
+
+def _exact_matches(gene_names: Sequence[str], gene_ids: Sequence[str] | None, genes: dict) -> int:
+    """Input genes whose id, or case-sensitive symbol, is one of a species' genes: mouse ``Cd79a``
+    and human ``CD79A`` are one gene to case-insensitive matching but not here."""
+    symbols = set(genes["gene_symbols"])
+    hits = sum(name in symbols for name in gene_names)
+    if gene_ids is not None and genes.get("gene_ids") is not None:
+        ids = {gene_id_match_key(g) for g in genes["gene_ids"]}
+        hits = max(hits, sum(gene_id_match_key(g) in ids for g in gene_ids))
+    elif genes.get("gene_ids") is not None and all(str(n).upper().startswith("ENS") for n in gene_names[:100]):
+        ids = {gene_id_match_key(g) for g in genes["gene_ids"]}
+        hits = max(hits, sum(gene_id_match_key(n) in ids for n in gene_names))
+    return hits
 
 
 class ScrnaLongformerProcessor(FeatureExtractionMixin):
@@ -137,6 +234,15 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         gene_id_key: ``.var`` column holding Ensembl ids in AnnData inputs.
         highly_variable_genes: how the panel was chosen when it is the training cells' most
             variable genes (``n_top_genes``, scanpy ``flavor``, ``n_cells``), else None.
+        species: the species a multi-species panel serves (e.g. ``["human", "mouse"]``); the
+            panel's entries (``gene_symbols``) are then tokens — ortholog groups shared between
+            species and species-specific genes — and each species has its own gene list.
+        species_genes: species -> ``{"gene_symbols", "gene_ids" (or None), "tokens"}``: that
+            species' genes and the panel token each one feeds (several genes may feed one token:
+            one-to-many orthologs, whose values are summed).
+        orthologs: where the ortholog pairs came from (table, release, checksum).
+        species_report: per species, how many of its genes are shared or specific and how they
+            were found in the ortholog table (for the model card).
     """
 
     model_input_names = ["expression", "attention_mask"]
@@ -153,6 +259,10 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         use_raw: bool = False,
         gene_id_key: str | None = None,
         highly_variable_genes: dict | None = None,
+        species: Sequence[str] | None = None,
+        species_genes: dict | None = None,
+        orthologs: dict | None = None,
+        species_report: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -190,10 +300,70 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         self.use_raw = bool(use_raw)
         self.gene_id_key = gene_id_key
         self.highly_variable_genes = highly_variable_genes
+        self.species = None if species is None else [str(name) for name in species]
+        self.species_genes = None if species_genes is None else {str(k): dict(v) for k, v in species_genes.items()}
+        self.orthologs = orthologs
+        self.species_report = species_report
+        if self.species is not None:
+            self._check_species_genes()
+
+    def _check_species_genes(self) -> None:
+        if len(set(self.species)) != len(self.species) or not self.species:
+            raise ValueError(f"species must be distinct names, got {self.species}.")
+        if self.species_genes is None or set(self.species_genes) != set(self.species):
+            raise ValueError(
+                f"species_genes must hold the genes of every species {self.species}, got "
+                f"{sorted(self.species_genes or {})}."
+            )
+        for name, genes in self.species_genes.items():
+            symbols, tokens, ids = genes.get("gene_symbols"), genes.get("tokens"), genes.get("gene_ids")
+            if symbols is None or tokens is None or len(symbols) != len(tokens) or (ids is not None and len(ids) != len(symbols)):
+                raise ValueError(f"species_genes[{name!r}] needs gene_symbols and tokens (and gene_ids) of one length each.")
+            tokens = np.asarray(tokens, dtype=np.int64)
+            if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.n_genes):
+                raise ValueError(f"species_genes[{name!r}] points at tokens outside the {self.n_genes}-token panel.")
 
     @property
     def n_genes(self) -> int:
         return len(self.gene_symbols)
+
+    def species_id(self, species: str | None) -> int:
+        """The model's id of ``species`` (its position in ``species``); for a multi-species panel
+        ``None`` is allowed only when the model knows a single species.
+
+        Raises:
+            ValueError: unknown species, or a species missing where the model needs one.
+        """
+        if self.species is None:
+            if species is not None:
+                raise ValueError(
+                    f"species {species!r} was given, but this model has one gene vocabulary and knows no species; "
+                    "drop --species."
+                )
+            return 0
+        if species is None:
+            if len(self.species) == 1:
+                return 0
+            raise ValueError(f"this model knows the species {self.species}; say which the cells are (--species NAME).")
+        name = _canonical_species(species)
+        if name not in self.species:
+            raise ValueError(f"unknown species {species!r}; this model knows {self.species}.")
+        return self.species.index(name)
+
+    def token_shapes(self) -> np.ndarray:
+        """(G,) str per token: ``"one2one"`` (exactly one gene of every species), ``"group"``
+        (shared, with several genes in some species) or ``"specific"`` (one species only);
+        ``"one2one"`` everywhere for a single-vocabulary panel."""
+        if self.species is None:
+            return np.full(self.n_genes, "one2one", dtype=object)
+        per_species = np.stack([
+            np.bincount(np.asarray(self.species_genes[name]["tokens"], dtype=np.int64), minlength=self.n_genes)
+            for name in self.species
+        ])  # (species, G) genes of each species feeding each token
+        shapes = np.full(self.n_genes, "group", dtype=object)
+        shapes[(per_species > 0).sum(0) < 2] = "specific"
+        shapes[(per_species == 1).all(0)] = "one2one"
+        return shapes
 
     # -----------------------------------------------------------------------------------------
     # Construction from data
@@ -236,6 +406,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         gene_names: Sequence[str],
         gene_ids: Sequence[str] | None = None,
         min_gene_overlap: float | None = None,
+        species: str | None = None,
     ) -> GeneAlignment:
         """Map input genes onto the panel: by Ensembl id when both sides have ids (or the input
         names are Ensembl ids), else by symbol, case-insensitively.
@@ -245,41 +416,42 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         warning: the first occurrence is the one matched. Panel genes whose symbol repeats
         (possible only in a panel with ids) cannot be matched by symbol and count as missing.
 
+        A multi-species panel matches the input against ``species``' own genes and maps them to
+        their tokens; genes that match another species' genes exactly (case-sensitive symbols,
+        ids) far better than ``species``' are refused as the wrong species.
+
         Raises:
-            ValueError: repeated input ids, or fewer than ``min_gene_overlap`` of the panel found.
+            ValueError: repeated input ids, fewer than ``min_gene_overlap`` of the panel (of the
+                species' genes) found, an unknown species, or genes of another species.
         """
         gene_names = [str(name) for name in gene_names]
-        looks_like_ids = len(gene_names) > 0 and np.mean([n.upper().startswith("ENS") for n in gene_names]) > 0.9
-        if self.gene_ids is not None and (gene_ids is not None or looks_like_ids):
-            matched_by = "gene_ids"
-            input_keys = [gene_id_match_key(g) for g in (gene_ids if gene_ids is not None else gene_names)]
-            repeated = repeated_keys(input_keys)
-            if repeated:
-                raise ValueError(f"duplicate gene ids in the input: {repeated[:10]}; every gene needs its own id.")
-            vocab_keys = [gene_id_match_key(g) for g in self.gene_ids]
+        if self.species is None:
+            self.species_id(species)  # a species given to a single-vocabulary model is an error
+            vocab_index, matched_by = _match_genes(gene_names, gene_ids, self.gene_symbols, self.gene_ids)
+            vocab_symbols, n_panel, name, n_shared = self.gene_symbols, None, None, None
         else:
-            matched_by = "gene_symbols"
-            input_keys = [symbol_match_key(n) for n in make_unique(gene_names)]
-            repeated = repeated_keys([symbol_match_key(n) for n in gene_names])
-            if repeated:
-                logger.warning(
-                    f"the input repeats gene symbols {repeated[:10]} and has no gene ids; the first of each is "
-                    "matched to the panel (the others are renamed NAME-1, NAME-2, ... as var_names_make_unique does)."
-                )
-            vocab_keys = [symbol_match_key(s) for s in self.gene_symbols]
-            ambiguous = set(repeated_keys(vocab_keys))
-            vocab_keys = [None if key in ambiguous else key for key in vocab_keys]
-        position = {key: index for index, key in enumerate(vocab_keys) if key is not None}
-        vocab_index = np.array([position.get(key, -1) for key in input_keys], dtype=np.int64)
-        n_matched = int((vocab_index >= 0).sum())
-        found = np.zeros(self.n_genes, dtype=bool)
-        found[vocab_index[vocab_index >= 0]] = True
+            name = self.species[self.species_id(species)]
+            genes = self.species_genes[name]
+            vocab_symbols = genes["gene_symbols"]
+            position, matched_by = _match_genes(gene_names, gene_ids, vocab_symbols, genes.get("gene_ids"))
+            self._check_species_of_genes(gene_names, gene_ids, name, int((position >= 0).sum()))
+            tokens = np.asarray(genes["tokens"], dtype=np.int64)
+            vocab_index = np.where(position >= 0, tokens[np.maximum(position, 0)], -1)
+            n_panel = self.n_genes
+            specific = self.token_shapes() == "specific"
+            n_shared = int((~specific[tokens[position[position >= 0]]]).sum())
+        matched = vocab_index >= 0 if self.species is None else position >= 0
+        found = np.zeros(len(vocab_symbols), dtype=bool)
+        found[(vocab_index if self.species is None else position)[matched]] = True
         alignment = GeneAlignment(
             vocab_index=vocab_index,
-            n_matched=n_matched,
-            n_vocab=self.n_genes,
+            n_matched=int(found.sum()),
+            n_vocab=len(vocab_symbols),
             matched_by=matched_by,
-            missing=[self.gene_symbols[i] for i in np.flatnonzero(~found)],
+            missing=[vocab_symbols[i] for i in np.flatnonzero(~found)],
+            n_panel=n_panel,
+            species=name,
+            n_shared=n_shared,
         )
         threshold = self.min_gene_overlap if min_gene_overlap is None else min_gene_overlap
         if alignment.fraction < threshold:
@@ -296,6 +468,17 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         else:
             logger.debug(f"Gene alignment: {alignment}.")
         return alignment
+
+    def _check_species_of_genes(self, gene_names, gene_ids, species: str, n_matched: int) -> None:
+        """Refuse genes that are plainly another species' (exact symbol or id matches)."""
+        exact = {name: _exact_matches(gene_names, gene_ids, genes) for name, genes in self.species_genes.items()}
+        best = max(exact, key=exact.get)
+        if best != species and exact[best] > 2 * exact[species] and exact[best] >= 0.5 * max(n_matched, 1):
+            raise ValueError(
+                f"these genes look like {best} genes, not {species}: {exact[best]} match the model's {best} genes exactly "
+                f"(symbols with their case, or ids), {exact[species]} its {species} genes; pass --species {best}, or "
+                f"translate the genes."
+            )
 
     def normalize(self, values: np.ndarray, library_size: np.ndarray | None = None) -> np.ndarray:
         """Normalise panel values.
@@ -417,6 +600,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         use_raw: bool | None = None,
         return_tensors: str | None = "pt",
         matrix_name: str | None = None,
+        species: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Cells -> model inputs.
@@ -426,10 +610,12 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             gene_names: the matrix's gene names (required for a matrix unless it already has
                 exactly the panel's genes in panel order).
             matrix_name: what to call a matrix input in error messages (e.g. ``raw.X``).
+            species: the cells' species, for a multi-species model (one species per call).
 
         Returns:
             ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
-            (n_cells, G) int64 (1 = gene measured in the input; missing genes are zero-filled).
+            (n_cells, G) int64 (1 = gene measured in the input; missing genes are zero-filled);
+            for a multi-species model also ``species`` (n_cells,) int64, the model's species id.
         """
         adata = cells if hasattr(cells, "var_names") and hasattr(cells, "obs_names") else None
         where = matrix_name or "the expression matrix"
@@ -444,6 +630,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             if matrix.ndim != 2:
                 raise ValueError(f"cells must be a 2-D (cells, genes) matrix, got shape {matrix.shape}.")
             if gene_names is None:
+                if self.species is not None:
+                    raise ValueError("a matrix given to a multi-species model needs gene_names= (the species' genes).")
                 if matrix.shape[1] != self.n_genes:
                     raise ValueError(
                         f"a matrix with {matrix.shape[1]} genes needs gene_names= to align it to the "
@@ -460,18 +648,26 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             if adata is None:
                 raise
             raise ValueError(f"{error} Read another matrix: {_other_matrices(adata)}") from None
-        alignment = self.align_genes(gene_names, gene_ids)
+        alignment = self.align_genes(gene_names, gene_ids, species=species)
 
         library_size = np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
         columns = np.flatnonzero(alignment.vocab_index >= 0)
         selected = matrix.tocsc()[:, columns].toarray() if _is_sparse(matrix) else np.asarray(matrix)[:, columns]
-        panel = np.zeros((matrix.shape[0], self.n_genes), dtype=np.float32)
-        panel[:, alignment.vocab_index[columns]] = selected
-        expression = self.normalize(panel, library_size)
-        attention_mask = np.broadcast_to(alignment.measured.astype(np.int64), panel.shape).copy()
-        return BatchFeature(
-            data={"expression": expression, "attention_mask": attention_mask}, tensor_type=return_tensors
-        )
+        selected = np.asarray(selected, dtype=np.float32)
+        normalised = self.normalize_entries(selected, np.broadcast_to(library_size[:, None], selected.shape))
+        n_cells = matrix.shape[0]
+        expression = np.zeros((n_cells, self.n_genes), dtype=np.float32)
+        if alignment.collapses:  # genes sharing a token: log1p of their summed normalised counts
+            linear = np.zeros((n_cells, self.n_genes), dtype=np.float64)
+            np.add.at(linear, (slice(None), alignment.vocab_index[columns]), np.expm1(normalised.astype(np.float64)))
+            expression[:] = np.log1p(linear)
+        else:
+            expression[:, alignment.vocab_index[columns]] = normalised
+        attention_mask = np.broadcast_to(alignment.measured.astype(np.int64), expression.shape).copy()
+        data = {"expression": expression, "attention_mask": attention_mask}
+        if self.species is not None:
+            data["species"] = np.full(n_cells, self.species_id(species), dtype=np.int64)
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     # -----------------------------------------------------------------------------------------
     # Gene graph

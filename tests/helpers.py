@@ -52,3 +52,17 @@ except ImportError:
 else:
     raise SystemExit("scrnalf_hf must not be importable here")
 """
+
+
+def load_script(name: str):
+    """A script of ``scripts/`` imported as a module (``load_script("kill_test")``); registered in
+    ``sys.modules`` because dataclasses look their module up by name."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -67,6 +67,8 @@ class World:
     predicted: Path  # a `scrnalf predict` output of `good`
     hub: Path  # a Hub-ready folder (export_hub_folder)
     endpoint: str = ""
+    orthologs: Path | None = None  # human GENE0..49 <-> mouse Gene0..49, one to one
+    species_model: Path | None = None  # an (untrained) human+mouse classifier on that table
 
 
 def cells_adata(n_cells: int = 30, n_genes: int = N_GENES, n_types: int = 3, seed: int = 0) -> ad.AnnData:
@@ -94,7 +96,59 @@ def world(tmp_path_factory, trained_tiny_folder, tiny_run) -> World:  # noqa: F8
     predicted = root / "predicted.h5ad"
     assert main(["predict", "--model", str(trained_tiny_folder), "--input", str(good), "--output", str(predicted)]) == 0
     hub = export_hub_folder(tiny_run, root / "hub" / "scrna-longformer-tiny", repo_id=REPO_ID)
-    return World(root, good, trained_tiny_folder, masked, converted, predicted, hub)
+    orthologs, species_model = species_inputs(root)
+    return World(root, good, trained_tiny_folder, masked, converted, predicted, hub, "", orthologs, species_model)
+
+
+def species_inputs(root: Path) -> tuple[Path, Path]:
+    """A one-to-one human-mouse table of GENE0..49 / Gene0..49 (mouse symbols differ from human
+    only by case, as CD79A / Cd79a do) and a human+mouse classifier on it."""
+    from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerProcessor
+    from scrnalf_hf.data.orthologs import build_vocabulary, load_orthologs
+    from scrnalf_hf.modeling_scrnalf import ScrnaLongformerForCellClassification
+
+    orthologs = root / "orthologs.tsv"
+    pd.DataFrame({"human": [f"GENE{i}" for i in range(50)], "mouse": [f"Gene{i}" for i in range(50)]}).to_csv(
+        orthologs, sep="\t", index=False
+    )
+    table = load_orthologs(str(orthologs), species=["human", "mouse"])
+    vocabulary = build_vocabulary({"human": ([f"GENE{i}" for i in range(N_GENES)], None)}, table, derive=["mouse"])
+    processor = ScrnaLongformerProcessor(
+        gene_symbols=vocabulary.tokens, species=vocabulary.species, species_genes=vocabulary.species_genes,
+        orthologs=table.source, species_report=vocabulary.report,
+    )
+    config = ScrnaLongformerConfig.from_preset(
+        "tiny", n_genes=processor.n_genes, knn_k=8, species=processor.species, id2label={0: "A", 1: "B", 2: "C"}
+    )
+    model_dir = root / "species_model"
+    ScrnaLongformerForCellClassification(config).save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return orthologs, model_dir
+
+
+def species_table(t: Path, kind: str) -> Path:
+    """An ortholog table broken one way."""
+    path = t / f"{kind}.tsv"
+    if kind == "missing_columns":
+        path.write_text("gene\tsymbol\nGENE0\tGene0\n")
+    elif kind == "duplicate_pair":
+        path.write_text("human\tmouse\nGENE0\tGene0\nGENE1\tGene1\nGENE0\tGene0\n")
+    elif kind == "conflicting_pair":
+        path.write_text(
+            "Gene stable ID\tGene name\tMouse gene stable ID\tMouse gene name\tMouse homology type\n"
+            "ENSG00000000001\tGENE0\tENSMUSG00000000001\tGene0\tortholog_one2one\n"
+            "ENSG00000000001\tGENE0\tENSMUSG00000000002\tGene1\tortholog_one2one\n"
+        )
+    else:
+        raise KeyError(kind)
+    return path
+
+
+def mixed_species_adata() -> ad.AnnData:
+    """Human and mouse cells side by side, genes of both species, no species column."""
+    adata = cells_adata()
+    adata.var_names = [f"GENE{i}" if i < 30 else f"Gene{i}" for i in range(N_GENES)]
+    return adata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,6 +748,57 @@ def _model_on_anndata_cases(c: str) -> list[Case]:
     ]
 
 
+def _species_cases() -> list[Case]:
+    """Cross-species models: species, ortholog tables, genes of the wrong species."""
+
+    def species_ft(w, t, *extra):
+        return ft(w.good, t, *TRAIN, "--species", "human", "--model-species", "human,mouse", "--orthologs", w.orthologs, *extra)
+
+    def bad_table(kind):
+        return lambda w, t, mp: ft(w.good, t, *TRAIN, "--species", "human", "--model-species", "human,mouse",
+                                   "--orthologs", species_table(t, kind))
+
+    def run(w, t, *extra, source=None, model=None):
+        return run_model("predict", model or w.species_model, source or w.good, t, *extra)
+
+    return [
+        Case("species-finetune-unknown-species", "finetune", "--species rat for a human+mouse model",
+             lambda w, t, mp: ft(w.good, t, *TRAIN, "--species", "rat", "--model-species", "human,mouse", "--orthologs",
+                                 w.orthologs), "rat"),
+        Case("species-finetune-no-vocabulary", "finetune", "--model-species human,zebrafish: no ortholog table has zebrafish",
+             lambda w, t, mp: ft(w.good, t, *TRAIN, "--species", "human", "--model-species", "human,zebrafish"), "zebrafish"),
+        Case("species-orthologs-missing", "finetune", "--orthologs names a file that does not exist",
+             lambda w, t, mp: species_ft(w, t, "--orthologs", t / "nope.tsv")),
+        Case("species-orthologs-missing-columns", "finetune", "ortholog table without species columns",
+             bad_table("missing_columns"), "columns"),
+        Case("species-orthologs-duplicate-pair", "finetune", "ortholog table listing a pair twice", bad_table("duplicate_pair"),
+             "GENE0"),
+        Case("species-orthologs-conflicting-pair", "finetune", "ortholog table: a one-to-one gene paired twice",
+             bad_table("conflicting_pair"), "one2one"),
+        Case("species-finetune-mixed-file-without-key", "finetune", "a file mixing human and mouse genes, --species human",
+             lambda w, t, mp: ft(h5(t, mixed_species_adata()), t, *TRAIN, "--species", "human", "--model-species",
+                                 "human,mouse", "--orthologs", w.orthologs), "--species-key"),
+        Case("species-finetune-species-and-key", "finetune", "--species and --species-key together (conflicting)",
+             lambda w, t, mp: species_ft(w, t, "--species-key", "cell_type"), "not both"),
+        Case("species-finetune-missing-species-key", "finetune", "--species-key names no obs column",
+             lambda w, t, mp: ft(w.good, t, *TRAIN, "--species-key", "organism", "--orthologs", w.orthologs), "organism"),
+        Case("species-compare-test-species-missing", "compare", "--test-file of a cross-species compare without --test-species",
+             lambda w, t, mp: cmp(w.good, t, "--species", "human", "--model-species", "human,mouse", "--orthologs", w.orthologs,
+                                  "--test-file", w.good), "--test-species"),
+        Case("species-predict-unknown-species", "predict", "--species rat for a human+mouse model",
+             lambda w, t, mp: run(w, t, "--species", "rat"), "unknown species 'rat'"),
+        Case("species-predict-species-missing", "predict", "no --species for a human+mouse model",
+             lambda w, t, mp: run(w, t), "--species"),
+        Case("species-predict-wrong-species-genes", "predict", "human genes given as --species mouse",
+             lambda w, t, mp: run(w, t, "--species", "mouse"), "look like human genes"),
+        Case("species-predict-species-for-one-vocabulary", "predict", "--species mouse for a model without species",
+             lambda w, t, mp: run(w, t, "--species", "mouse", model=w.classifier), "knows no species"),
+        Case("species-api-processor-unknown-species", "api", "processor(adata, species='zebrafish')",
+             lambda w, t, mp: api(lambda: __import__("scrnalf_hf").ScrnaLongformerProcessor.from_pretrained(
+                 str(w.species_model))(cells_adata(), species="zebrafish")), "zebrafish"),
+    ]
+
+
 def disk_full(mp):
     from scrnalf_hf import inference
 
@@ -837,6 +942,7 @@ CASES: list[Case] = [
     *_compare_cases(),
     *_model_on_anndata_cases("predict"),
     *_model_on_anndata_cases("embed"),
+    *_species_cases(),
     *_push_cases(),
     *_benchmark_cases(),
     *_presets_cases(),

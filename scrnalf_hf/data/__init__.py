@@ -1,5 +1,5 @@
 """Data: AnnData I/O, conversion to ``datasets``, the cells a model trains on, the collator,
-splits, the gene panel, the simulator and the bundled data.
+splits, the gene panel, ortholog tables and cross-species panels, the simulator and the bundled data.
 
 How a cell travels: ``.h5ad`` / AnnData → :func:`convert_anndata` (or converted on the fly by
 :func:`open_cells`) → sparse rows + ``genes.json`` → :class:`CellCollator` (aligned to the
@@ -11,8 +11,10 @@ from .bundled import load_celltypist_sample, load_pbmc68k_reduced
 from .cells import Cells, open_cells, panel_matrix
 from .collators import CellCollator, MaskSampler
 from .convert import DatasetGenes, convert_anndata, dataset_genes, stream_anndata
+from .orthologs import OrthologTable, build_vocabulary, canonical_species, load_orthologs
 from .panel import fit_processor, gene_graph
-from .simulation import SimulationSettings, simulate, write_simulated_h5ad
+from .simulation import SimulationSettings, simulate, simulate_two_species, write_simulated_h5ad
+from .species import SpeciesSetup, with_species_setup
 from .splits import cross_validation_folds, split_off
 
 __all__ = [
@@ -21,20 +23,27 @@ __all__ = [
     "DatasetGenes",
     "ExpressionSource",
     "MaskSampler",
+    "OrthologTable",
     "SimulationSettings",
+    "SpeciesSetup",
+    "build_vocabulary",
+    "canonical_species",
     "convert_anndata",
     "cross_validation_folds",
     "dataset_genes",
     "fit_processor",
     "gene_graph",
     "load_celltypist_sample",
+    "load_orthologs",
     "load_pbmc68k_reduced",
     "open_anndata",
     "open_cells",
     "panel_matrix",
     "read_anndata",
     "simulate",
+    "simulate_two_species",
     "split_off",
     "stream_anndata",
+    "with_species_setup",
     "write_simulated_h5ad",
 ]

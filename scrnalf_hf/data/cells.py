@@ -11,18 +11,24 @@ matrix of a whole dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from ..processing_scrnalf import GeneAlignment, ScrnaLongformerProcessor
 from .anndata_io import open_anndata
 from .convert import DatasetGenes, convert_anndata, dataset_genes
+
+if TYPE_CHECKING:
+    from .species import SpeciesSetup
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,9 @@ class Cells:
         genes: the dataset's genes, value kind (``counts`` or ``log1p``) and source matrix.
         name: a name for reports (file or folder stem unless given).
         label_key: the ``obs`` column stored as ``label``, if any.
+        species_setup: for a model of several species, the species it knows and the ortholog
+            table relating their genes (:func:`~scrnalf_hf.data.species.fit_species_processor`);
+            each cell's species is the dataset's ``species`` column.
     """
 
     dataset: datasets.Dataset
@@ -49,6 +58,7 @@ class Cells:
     name: str
     label_key: str | None = None
     _workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    species_setup: "SpeciesSetup | None" = None
 
     @property
     def n_cells(self) -> int:
@@ -59,9 +69,10 @@ class Cells:
         return self.genes.input_kind
 
     def with_targets(self, targets: np.ndarray | None) -> datasets.Dataset:
-        """The rows a collator needs (:data:`CELL_COLUMNS`), numpy-formatted, with each cell's
-        target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
-        dataset = self.dataset.select_columns(list(CELL_COLUMNS))
+        """The rows a collator needs (:data:`CELL_COLUMNS`, and ``species`` where the cells have
+        it), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
+        columns = list(CELL_COLUMNS) + (["species"] if "species" in self.dataset.column_names else [])
+        dataset = self.dataset.select_columns(columns)
         if targets is not None:
             if len(targets) != self.n_cells:
                 raise ValueError(f"{len(targets)} targets for {self.n_cells} cells.")
@@ -91,6 +102,47 @@ class Cells:
         )
         genes = DatasetGenes(processor.gene_symbols, processor.gene_ids, self.genes.input_kind, self.genes.matrix)
         return Cells(mapped, genes, self.name, None, workdir)
+
+    def cell_species(self) -> np.ndarray | None:
+        """(n_cells,) each cell's species, canonical names (``Homo_sapiens`` -> ``human``), or
+        None when the cells carry no species."""
+        if "species" not in self.dataset.column_names:
+            return None
+        from ..processing_scrnalf import _canonical_species
+
+        values = pd.Series(self.dataset.with_format("arrow")["species"].to_numpy(zero_copy_only=False))
+        if values.isna().any():
+            raise ValueError(f"{int(values.isna().sum())} cell(s) of {self.name} have no species; give every cell one.")
+        names = {value: _canonical_species(value) for value in values.unique()}
+        return values.map(names).to_numpy(dtype=object)
+
+    def with_species(self, species: str | None = None, species_key: str | None = None) -> "Cells":
+        """These cells with a ``species`` column: ``species`` for every cell, or the stored ``obs``
+        column ``species_key``. A stored species that contradicts ``species`` is an error."""
+        if species is not None and species_key is not None:
+            raise ValueError("give --species (one for every cell) or --species-key (an obs column), not both.")
+        if species is None and species_key is None:
+            return self
+        from ..processing_scrnalf import _canonical_species
+
+        if species_key is not None:
+            if species_key == "species" and "species" in self.dataset.column_names:
+                return self
+            values = self.obs_column(species_key).astype(str)
+        else:
+            stored = self.cell_species()
+            if stored is not None:
+                others = sorted(set(stored) - {_canonical_species(species)})
+                if others:
+                    raise ValueError(
+                        f"{self.name} holds cells of species {others}, but --species {species} says every cell is "
+                        f"{_canonical_species(species)}; use --species-key for a file that mixes species."
+                    )
+                return self
+            values = np.full(self.n_cells, _canonical_species(species), dtype=object)
+        dataset = self.dataset.remove_columns([c for c in ("species",) if c in self.dataset.column_names])
+        dataset = dataset.add_column("species", [str(v) for v in values])
+        return dataclasses.replace(self, dataset=dataset)
 
     def obs_column(self, key: str) -> np.ndarray:
         """(n_cells,) values of a stored ``obs`` column, by its ``obs`` name (``label`` answers to
@@ -136,6 +188,8 @@ def open_cells(
     obs_keys: tuple[str, ...] = (),
     name: str | None = None,
     progress: bool = True,
+    species: str | None = None,
+    species_key: str | None = None,
 ) -> Cells:
     """Open cells for training: a ``scrnalf convert`` folder, an ``.h5ad`` file or an AnnData.
 
@@ -148,6 +202,8 @@ def open_cells(
         label_key / obs_keys: ``obs`` columns an AnnData's conversion keeps (the label as
             ``label``); a folder keeps what it was converted with.
         name: a name for reports.
+        species / species_key: the cells' species (one for all) or the ``obs`` column holding
+            each cell's, kept as the ``species`` column (cross-species models).
 
     Raises:
         ValueError / FileNotFoundError: unreadable input, bad values, an ``input_kind`` that does
@@ -166,7 +222,8 @@ def open_cells(
         import json
 
         converted_label_key = json.loads((folder / "genes.json").read_text()).get("label_key")
-        return Cells(datasets.load_from_disk(str(folder)), genes, name or folder.name, converted_label_key)
+        cells = Cells(datasets.load_from_disk(str(folder)), genes, name or folder.name, converted_label_key)
+        return cells.with_species(species, species_key)
 
     with open_anndata(source, layer=layer, use_raw=use_raw, require_counts=True) as expression:
         matrix_name = expression.matrix_name
@@ -174,11 +231,19 @@ def open_cells(
             first = next(expression.row_chunks(2048), (0, sp.csr_matrix((0, 0))))[1]
             input_kind = guess_input_kind(first.data)
         present = [key for key in obs_keys if key in expression.obs.columns and key != label_key]
+        if species_key is not None and species_key not in expression.obs.columns:
+            raise ValueError(
+                f"--species-key {species_key!r} is not an obs column of {source}; obs columns: "
+                f"{list(expression.obs.columns)[:20]}."
+            )
+    if species is not None and species_key is not None:
+        raise ValueError("give --species (one for every cell) or --species-key (an obs column), not both.")
     workdir = tempfile.TemporaryDirectory(prefix="scrnalf-cells-")
     folder = Path(workdir.name) / "cells"
     convert_anndata(
         source, folder, label_key=label_key, obs_keys=present, require_counts=input_kind == "counts",
-        allow_empty_genes=True, progress=progress, **_matrix_arguments(matrix_name),
+        allow_empty_genes=True, progress=progress, species=species, species_key=species_key,
+        **_matrix_arguments(matrix_name),
     )
     if name is None:
         name = Path(source).stem if isinstance(source, (str, Path)) else "anndata"
@@ -196,12 +261,39 @@ def panel_matrix(
     """The processor's output for the chosen cells as one sparse matrix (n_rows, G), float32.
 
     The same values a :class:`~scrnalf_hf.data.collators.CellCollator` batch holds (normalised,
-    in panel order, unmeasured genes 0), built from the Arrow columns without Python loops;
-    normalisation keeps zeros at zero, so the matrix is as sparse as the data.
+    in panel order, unmeasured genes 0; in a multi-species panel each cell's genes on its own
+    species' tokens, genes sharing a token summed), built from the Arrow columns without Python
+    loops; normalisation keeps zeros at zero, so the matrix is as sparse as the data.
     """
-    if alignment is None:
-        alignment = processor.align_genes(cells.genes.gene_symbols, cells.genes.gene_ids)
     rows = np.asarray(rows, dtype=np.int64)
+    if processor.species is None or alignment is not None:
+        if alignment is None:
+            alignment = processor.align_genes(cells.genes.gene_symbols, cells.genes.gene_ids)
+        return _aligned_panel_matrix(cells, rows, processor, alignment, chunk_size)
+    species = cells.cell_species()
+    species = np.full(len(rows), None, dtype=object) if species is None else species[rows]
+    parts, order = [], []
+    for name in dict.fromkeys(species):
+        chosen = np.flatnonzero(species == name) if name is not None else np.arange(len(rows))
+        species_alignment = processor.align_genes(cells.genes.gene_symbols, cells.genes.gene_ids, species=name)
+        parts.append(_aligned_panel_matrix(cells, rows[chosen], processor, species_alignment, chunk_size))
+        order.append(chosen)
+    if not parts:
+        return sp.csr_matrix((0, processor.n_genes), dtype=np.float32)
+    stacked = sp.vstack(parts, format="csr")
+    inverse = np.empty(len(rows), dtype=np.int64)
+    inverse[np.concatenate(order)] = np.arange(len(rows))
+    return stacked[inverse]
+
+
+def _aligned_panel_matrix(
+    cells: Cells,
+    rows: np.ndarray,
+    processor: ScrnaLongformerProcessor,
+    alignment: GeneAlignment,
+    chunk_size: int = 8192,
+) -> sp.csr_matrix:
+    """:func:`panel_matrix` of cells that all share one alignment to the panel."""
     columns = cells.dataset.select_columns(["indices", "values", "library_size"]).with_format("arrow")
     # The matrix is filled in place, chunk by chunk, so that it is held once: at most every
     # stored value of the chosen cells (genes outside the panel are dropped).
@@ -226,7 +318,12 @@ def panel_matrix(
         gene_positions[filled : filled + count] = positions[kept][order]
         indptr[start + 1 : start + table.num_rows + 1] = filled + np.cumsum(np.bincount(cells_kept, minlength=table.num_rows))
         filled += count
-    return sp.csr_matrix((data[:filled], gene_positions[:filled], indptr), shape=(len(rows), processor.n_genes))
+    matrix = sp.csr_matrix((data[:filled], gene_positions[:filled], indptr), shape=(len(rows), processor.n_genes))
+    if alignment.collapses:  # genes sharing a token: log1p of their summed normalised counts
+        matrix.data = np.expm1(matrix.data)
+        matrix.sum_duplicates()
+        matrix.data = np.log1p(matrix.data).astype(np.float32)
+    return matrix
 
 
 __all__ = ["Cells", "guess_input_kind", "open_cells", "panel_matrix"]

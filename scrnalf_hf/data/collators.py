@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..processing_scrnalf import ScrnaLongformerProcessor
+from ..processing_scrnalf import ScrnaLongformerProcessor, scatter_to_panel
 from .convert import DatasetGenes
 
 
@@ -64,10 +64,14 @@ class MaskSampler:
 
     def __call__(self, measured: torch.Tensor, cell_ids: Sequence[str]) -> torch.Tensor:
         """(batch, G) bool measured genes -> (batch, G) bool masked genes."""
-        n_masked = max(1, round(self.mask_ratio * int(measured[0].sum()))) if len(measured) else 0
+        if not len(measured):
+            return torch.zeros_like(measured)
+        # per cell: cells of different species in one batch measure different numbers of tokens
+        n_masked = (self.mask_ratio * measured.sum(1).double()).round().long().clamp(min=1)  # (batch,)
         scores = self._scores(measured, cell_ids).masked_fill(~measured, -1.0)  # unmeasured genes lose every draw
-        chosen = scores.topk(n_masked, dim=1).indices  # (batch, n_masked)
-        return torch.zeros_like(measured).scatter_(1, chosen, True)
+        chosen = scores.topk(int(n_masked.max()), dim=1).indices  # (batch, most masked)
+        kept = torch.arange(chosen.shape[1]) < n_masked.unsqueeze(1)
+        return torch.zeros_like(measured).scatter_(1, chosen, kept)
 
 
 class CellCollator:
@@ -80,12 +84,16 @@ class CellCollator:
             values as ``labels`` (the regression targets).
         normalize: apply the processor's normalisation; ``False`` returns the stored values as
             they are (exact round trips).
+        species: for a multi-species model, the species the rows' ``species`` names may hold
+            (aligned, and so checked, at once; others when first seen); each species' genes are
+            aligned to the panel on their own.
 
     Returns (from ``__call__``):
         ``expression`` (batch, G) float32, ``attention_mask`` (batch, G) int64 (1 = panel gene
         measured by the dataset; unmeasured genes are 0 in ``expression``); ``labels`` as
         stored (int64 class ids, float32 values) when the rows carry them; with ``masking``,
-        ``masked_positions`` (batch, G) bool and ``labels`` (batch, G) float32.
+        ``masked_positions`` (batch, G) bool and ``labels`` (batch, G) float32; for a
+        multi-species model ``species`` (batch,) int64.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class CellCollator:
         genes: DatasetGenes,
         masking: MaskSampler | None = None,
         normalize: bool = True,
+        species: Sequence[str] | None = None,
     ):
         if normalize and genes.input_kind != processor.input_kind:
             raise ValueError(
@@ -105,23 +114,62 @@ class CellCollator:
         self.genes = genes
         self.masking = masking
         self.normalize = normalize
-        self.alignment = processor.align_genes(genes.gene_symbols, genes.gene_ids)
-        self._measured = torch.from_numpy(self.alignment.measured.astype(np.int64))  # (G,)
+        if processor.species is None:
+            if species:
+                raise ValueError(f"the cells are of species {list(species)}, but this model knows no species.")
+            self.alignments = {0: processor.align_genes(genes.gene_symbols, genes.gene_ids)}
+        else:
+            if not species:
+                species = [None]  # a model of one species needs no species column
+            self.alignments = {
+                processor.species_id(name): processor.align_genes(genes.gene_symbols, genes.gene_ids, species=name)
+                for name in species
+            }
+        self._ids: dict[str, int] = {}
+        self.alignment = next(iter(self.alignments.values()))
+        # (G,) per species id
+        self._measured = {s: torch.from_numpy(a.measured.astype(np.int64)) for s, a in self.alignments.items()}
+
+    def _species_ids(self, features: Sequence[dict]) -> np.ndarray:
+        """(batch,) the model's species id of each row (its ``species`` name)."""
+        if self.processor.species is None or "species" not in features[0]:
+            return np.full(len(features), next(iter(self.alignments)), dtype=np.int64)
+        species = np.array([self._species_id(str(f["species"])) for f in features], dtype=np.int64)
+        return species
+
+    def _species_id(self, name: str) -> int:
+        if name not in self._ids:
+            species_id = self.processor.species_id(name)
+            if species_id not in self.alignments:
+                genes = self.genes
+                self.alignments[species_id] = self.processor.align_genes(genes.gene_symbols, genes.gene_ids, species=name)
+                self._measured[species_id] = torch.from_numpy(self.alignments[species_id].measured.astype(np.int64))
+            self._ids[name] = species_id
+        return self._ids[name]
 
     def dense_panel(self, features: Sequence[dict]) -> np.ndarray:
-        """(batch, G) float32: each row's stored values, normalised, in panel order."""
+        """(batch, G) float32: each row's stored values, normalised, in panel order (each
+        species' genes on their own tokens)."""
+        species = self._species_ids(features)
+        panel = np.zeros((len(features), self.processor.n_genes), dtype=np.float32)
+        for species_id in np.unique(species):
+            rows = np.flatnonzero(species == species_id)
+            panel[rows] = self._dense_rows([features[i] for i in rows], self.alignments[int(species_id)])
+        return panel
+
+    def _dense_rows(self, features: Sequence[dict], alignment) -> np.ndarray:
         lengths = [len(f["indices"]) for f in features]
         cell_of_entry = np.repeat(np.arange(len(features)), lengths)  # (total nonzeros,)
-        positions = self.alignment.vocab_index[np.concatenate([np.asarray(f["indices"], dtype=np.int64) for f in features])]
+        positions = alignment.vocab_index[np.concatenate([np.asarray(f["indices"], dtype=np.int64) for f in features])]
         values = np.concatenate([np.asarray(f["values"], dtype=np.float32) for f in features])
         kept = positions >= 0
         values = values[kept]
         if self.normalize:
             library_size = np.array([f["library_size"] for f in features], dtype=np.float64)
             values = self.processor.normalize_entries(values, library_size[cell_of_entry[kept]])
-        panel = np.zeros((len(features), self.processor.n_genes), dtype=np.float32)
-        panel[cell_of_entry[kept], positions[kept]] = values
-        return panel
+        return scatter_to_panel(
+            len(features), self.processor.n_genes, cell_of_entry[kept], positions[kept], values, alignment.collapses
+        )
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         missing = [c for c in ("indices", "values", "library_size") if c not in features[0]]
@@ -130,10 +178,14 @@ class CellCollator:
                 f"the rows lack {missing}: give the collator rows of a converted dataset, and train with "
                 "remove_unused_columns=False so that Trainer keeps them."
             )
+        species = self._species_ids(features)
         batch = {
             "expression": torch.from_numpy(self.dense_panel(features)),
-            "attention_mask": self._measured.expand(len(features), -1).clone(),
+            "attention_mask": torch.stack([self._measured[int(s)] for s in species]) if len(features) else
+            torch.zeros(0, self.processor.n_genes, dtype=torch.int64),
         }
+        if self.processor.species is not None:
+            batch["species"] = torch.from_numpy(species)
         if "labels" in features[0]:
             labels = np.stack([np.asarray(f["labels"]) for f in features])
             batch["labels"] = torch.from_numpy(labels.astype(np.int64 if labels.dtype.kind in "iub" else np.float32))

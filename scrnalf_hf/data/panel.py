@@ -53,7 +53,7 @@ def fit_processor(
     """
     genes = cells.genes
     symbols, ids = list(genes.gene_symbols), None if genes.gene_ids is None else list(genes.gene_ids)
-    selection = None
+    chosen, selection = None, None
     if n_top_genes is not None:
         if not 0 < n_top_genes:
             raise ValueError(f"--n-top-genes must be a positive number of genes, got {n_top_genes}.")
@@ -63,10 +63,12 @@ def fit_processor(
             ids = None if ids is None else [ids[i] for i in chosen]
         else:
             logger.warning("--n-top-genes %d keeps all %d genes of %s.", n_top_genes, genes.n_genes, cells.name)
-    return ScrnaLongformerProcessor(
-        gene_symbols=symbols, gene_ids=ids, input_kind=genes.input_kind, highly_variable_genes=selection,
-        **_anndata_location(genes.matrix),
-    )
+    arguments = {"input_kind": genes.input_kind, "highly_variable_genes": selection, **_anndata_location(genes.matrix)}
+    if cells.species_setup is not None:
+        from .species import fit_species_processor
+
+        return fit_species_processor(cells, train_rows, chosen, arguments)
+    return ScrnaLongformerProcessor(gene_symbols=symbols, gene_ids=ids, **arguments)
 
 
 def highly_variable_genes(cells: Cells, train_rows: np.ndarray, n_top_genes: int, seed: int = 0) -> tuple[np.ndarray, dict]:

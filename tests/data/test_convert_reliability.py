@@ -3,7 +3,6 @@ leftovers of interrupted runs, --overwrite of something that is not a dataset, r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import anndata as ad
 import datasets
 import numpy as np
 import pytest
+from helpers import load_script
 
 from scrnalf_hf.data import convert as convert_module
 from scrnalf_hf.data import convert_anndata, dataset_genes, simulate
@@ -298,18 +298,11 @@ def test_streamed_and_converted_gene_lists_agree_with_repeated_symbols(tmp_path)
 # -- SIGKILL at random points (the fast version of scripts/kill_test.py) -------------------------------
 
 
-def load_kill_test():
-    spec = importlib.util.spec_from_file_location("kill_test", REPO / "scripts" / "kill_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_convert_killed_at_random_moments_leaves_a_whole_dataset_and_no_orphan(tmp_path):
     """Three kills of `scrnalf convert --overwrite --num-proc 2` while it works on its output."""
-    rounds = load_kill_test().convert_rounds(
+    rounds = load_script("kill_test").convert_rounds(
         tmp_path, kills=3, seed=1, n_cells=3000, n_genes=300, num_proc=2, window="work"
     )
     assert len(rounds) == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import load_script
 from hub_server import LABELS, cells, tiny_run  # noqa: F401 - fixture
 from transformers import AutoConfig, pipeline
 
@@ -21,10 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_hub_folders.py"
 
 
 def make_hub_folders(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("make_hub_folders", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("make_hub_folders").main(argv)
 
 
 @pytest.fixture(scope="module")

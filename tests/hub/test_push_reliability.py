@@ -3,13 +3,12 @@ with shapes that fit the config; a broken folder is refused by name before any r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 from hub_server import local_hub, tiny_run  # noqa: F401
 from safetensors.torch import load_file, save_file
 
@@ -132,17 +131,10 @@ def test_sharded_weights_are_read_shard_by_shard_against_their_index(local_hub, 
         push_to_hub(hub_folder, REPO_ID, revision="other")
 
 
-def load_kill_test():
-    spec = importlib.util.spec_from_file_location("kill_test", REPO / "scripts" / "kill_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_push_killed_at_random_moments_leaves_main_whole_and_no_orphan(tmp_path):
     """Three kills of `scrnalf push` once it talks to the (local) Hub; the second pushes over a commit."""
-    rounds = load_kill_test().push_rounds(tmp_path, kills=3, seed=1, n_genes=50, window="work")
+    rounds = load_script("kill_test").push_rounds(tmp_path, kills=3, seed=1, n_genes=50, window="work")
     assert len(rounds) == 3
     assert [problem for result in rounds for problem in result.problems] == []

@@ -379,11 +379,45 @@ MODEL_CLASSES = (ScrnaLongformerModel, ScrnaLongformerForMaskedGeneModeling, Scr
 
 
 @pytest.mark.parametrize("model_class", MODEL_CLASSES)
-@pytest.mark.parametrize("keyword", ["species", "protein"])
+@pytest.mark.parametrize("keyword", ["protein", "batch_ids"])
 def test_unknown_keyword_arguments_are_rejected_by_name(model_class, keyword):
     model = model_class(small_config())
     with pytest.raises(TypeError, match=keyword):
         model(torch.rand(2, 48), **{keyword: torch.zeros(2)})
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_species_are_refused_by_a_model_without_species_and_required_by_one_with_several(model_class):
+    with pytest.raises(ValueError, match="knows no species"):
+        model_class(small_config())(torch.rand(2, 48), species=torch.zeros(2, dtype=torch.long))
+    two = model_class(small_config(species=["human", "mouse"]))
+    with pytest.raises(ValueError, match=r"knows the species \['human', 'mouse'\]"):
+        two(torch.rand(2, 48))
+    with pytest.raises(ValueError, match=r"species ids must lie in \[0, 2\)"):
+        two(torch.rand(2, 48), species=torch.tensor([0, 2]))
+
+
+def test_species_adapters_start_as_the_identity_and_learn_per_species():
+    """Zero-initialised species token and adapter: a fresh two-species model reads a cell the same
+    whichever species it is said to be; after a step on human cells only, the mouse adapter is
+    untouched and the two differ."""
+    torch.manual_seed(0)
+    model = ScrnaLongformerForCellClassification(small_config(species=["human", "mouse"], hidden_dropout=0.0)).eval()
+    expression = torch.rand(3, 48)
+    human = model(expression, species=torch.zeros(3, dtype=torch.long)).logits
+    mouse = model(expression, species=torch.ones(3, dtype=torch.long)).logits
+    torch.testing.assert_close(human, mouse)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(expression, species=torch.zeros(3, dtype=torch.long), labels=torch.tensor([0, 1, 0])).loss.backward()
+    scale = model.scrna_longformer.embeddings.species_scale.weight
+    assert scale.grad[0].abs().sum() > 0 and scale.grad[1].abs().sum() == 0
+    optimizer.step()
+    model.eval()
+    assert not torch.allclose(
+        model(expression, species=torch.zeros(3, dtype=torch.long)).logits,
+        model(expression, species=torch.ones(3, dtype=torch.long)).logits,
+    )
 
 
 def test_labels_without_masked_positions_are_rejected():

@@ -5,7 +5,6 @@ cut short. The 3-kill versions of scripts/kill_test.py's finetune and predict ro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import marker_adata, write_h5ad
+from helpers import load_script, marker_adata, write_h5ad
 
 import scrnalf_hf  # noqa: F401  (registers the Auto classes)
 from scrnalf_cli import main
@@ -233,19 +232,12 @@ def test_predict_removes_a_dead_runs_staging_copy_and_keeps_a_running_ones(train
 # -- SIGKILL at random points (the fast versions of scripts/kill_test.py's finetune and predict) ----------
 
 
-def load_kill_test():
-    spec = importlib.util.spec_from_file_location("kill_test", REPO / "scripts" / "kill_test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_finetune_killed_at_random_moments_leaves_no_false_card_and_no_orphan(tmp_path):
     """Three kills of `scrnalf finetune --overwrite` over a finished run, once it wrote its split;
     the second rerun resumes where it can."""
-    rounds = load_kill_test().finetune_rounds(tmp_path, kills=3, seed=1, n_cells=150, n_genes=40, window="work")
+    rounds = load_script("kill_test").finetune_rounds(tmp_path, kills=3, seed=1, n_cells=150, n_genes=40, window="work")
     assert len(rounds) == 3
     assert [problem for result in rounds for problem in result.problems] == []
 
@@ -253,6 +245,6 @@ def test_finetune_killed_at_random_moments_leaves_no_false_card_and_no_orphan(tm
 @pytest.mark.slow
 def test_predict_killed_at_random_moments_leaves_whole_predictions_and_no_orphan(tmp_path):
     """Three kills of `scrnalf predict --overwrite` over earlier predictions, once its staging copy appeared."""
-    rounds = load_kill_test().predict_rounds(tmp_path, kills=3, seed=1, n_cells=600, n_genes=100, window="work")
+    rounds = load_script("kill_test").predict_rounds(tmp_path, kills=3, seed=1, n_cells=600, n_genes=100, window="work")
     assert len(rounds) == 3
     assert [problem for result in rounds for problem in result.problems] == []
