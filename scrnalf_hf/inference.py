@@ -35,7 +35,7 @@ import torch
 
 from .configuration_scrnalf import ScrnaLongformerConfig
 from .modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedModel
-from .processing_scrnalf import ScrnaLongformerProcessor
+from .processing_scrnalf import GeneAlignment, ScrnaLongformerProcessor
 from .staging import remove_dead_staging, staging_path
 from .training.tasks import EMBEDDING_KEY, Task, task_for_model
 
@@ -84,17 +84,20 @@ def _predicting_task(model: ScrnaLongformerPreTrainedModel) -> Task:
     return task
 
 
-def _overlap(processor: ScrnaLongformerProcessor, gene_names, gene_ids, where: str, species: str | None = None) -> dict:
+def _overlap(
+    processor: ScrnaLongformerProcessor, gene_names, gene_ids, where: str, species: str | None = None
+) -> tuple[dict, GeneAlignment]:
     """Which panel genes the input measures (checked against the processor's thresholds).
 
     ``"report"`` is the line the run logs once the first chunk has gone through the model, so that
-    input refused on its values ends in the error alone.
+    input refused on its values ends in the error alone. The alignment is reused by every chunk.
     """
     alignment = processor.align_genes(gene_names, gene_ids, species=species)
     record = {"species": alignment.species} if alignment.species is not None else {}
     if alignment.n_shared is not None:
         record["matched_in_shared_ortholog_groups"] = alignment.n_shared
-    return {
+        record["matched_by_symbol_where_ids_missed"] = alignment.n_by_symbol
+    return alignment, {
         **record,
         "report": f"reading {where}: {alignment}",
         "matrix": where,
@@ -117,14 +120,16 @@ def _annotated_chunks(
     gene_ids: list[str] | None,
     where: str,
     overlap_report: str,
-    species: str | None = None,
+    species: str | None,
+    alignment: GeneAlignment,
 ) -> Iterator[tuple[int, ad.AnnData]]:
     """For each ``(first row, cells × genes matrix)`` chunk, an AnnData of those cells (no X)
     holding what the run writes: the task's predictions (``task`` None: none) and the embeddings."""
     model.eval()
     for first, matrix in chunks:
         features = processor(
-            matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where, species=species
+            matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where, species=species,
+            alignment=alignment,
         )
         output = model(**features)
         cells = ad.AnnData(obs=obs.iloc[first : first + matrix.shape[0]].copy())
@@ -157,12 +162,12 @@ def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int, sp
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}.")
     matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
-    overlap = _overlap(processor, names, ids, where, species)
+    alignment, overlap = _overlap(processor, names, ids, where, species)
     chunks = ((first, matrix[first : first + batch_size]) for first in range(0, adata.n_obs, batch_size))
     parts = [
         cells
         for _, cells in _annotated_chunks(
-            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species
+            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species, alignment
         )
     ]
     if parts:
@@ -295,7 +300,7 @@ def _process_file(
                     f"{input_path} has {source.n_cells} cells × {source.n_genes} genes in {where}: nothing to "
                     f"{'predict' if head else 'embed'}. Check the filters that made it."
                 )
-            overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where, species)
+            alignment, overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where, species)
             try:
                 shutil.copyfile(input_path, staging)
             except PermissionError as error:
@@ -306,7 +311,7 @@ def _process_file(
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
                     model, processor, task, source.row_chunks(batch_size), source.obs, source.gene_symbols,
-                    source.gene_ids, where, overlap.pop("report"), species,
+                    source.gene_ids, where, overlap.pop("report"), species, alignment,
                 )
                 for first, cells in chunks:
                     writer.add(first, cells)

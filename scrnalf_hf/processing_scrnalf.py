@@ -112,6 +112,8 @@ class GeneAlignment:
         n_panel: the panel's G when it differs from ``n_vocab`` (multi-species panels).
         species: the input's species in a multi-species panel.
         n_shared: of the matched genes, those in ortholog groups shared with another species.
+        n_by_symbol: in a multi-species panel matched by ids, the genes found by symbol instead
+            (their ids absent or different on one side).
     """
 
     vocab_index: np.ndarray
@@ -122,6 +124,7 @@ class GeneAlignment:
     n_panel: int | None = None
     species: str | None = None
     n_shared: int | None = None
+    n_by_symbol: int = 0
 
     @property
     def fraction(self) -> float:
@@ -146,10 +149,14 @@ class GeneAlignment:
                 f"{self.n_matched}/{self.n_vocab} panel genes found in the input "
                 f"({100 * self.fraction:.1f}%, matched by {self.matched_by})"
             )
+        if self.matched_by == "gene_ids":
+            how = f"{self.n_matched - self.n_by_symbol} by id, {self.n_by_symbol} by symbol"
+        else:
+            how = f"{self.n_matched} by symbol"
         shared = "" if self.n_shared is None else f"; {self.n_shared} in ortholog groups shared with another species"
         return (
             f"{self.n_matched}/{self.n_vocab} of the model's {self.species} genes found in the input "
-            f"({100 * self.fraction:.1f}%, matched by {self.matched_by}{shared})"
+            f"({100 * self.fraction:.1f}%: {how}{shared})"
         )
 
 
@@ -201,6 +208,12 @@ def _match_genes(
         vocab_keys = [None if key in ambiguous else key for key in vocab_keys]
     position = {key: index for index, key in enumerate(vocab_keys) if key is not None}
     return np.array([position.get(key, -1) for key in input_keys], dtype=np.int64), matched_by
+
+
+def _repeated_targets(targets: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """(n,) bool: chosen entries whose target another chosen entry also has."""
+    counts = np.bincount(targets[chosen], minlength=int(targets.max(initial=0)) + 1)
+    return chosen & (counts[np.maximum(targets, 0)] > 1)
 
 
 def _exact_matches(gene_names: Sequence[str], gene_ids: Sequence[str] | None, genes: dict) -> int:
@@ -434,6 +447,15 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             genes = self.species_genes[name]
             vocab_symbols = genes["gene_symbols"]
             position, matched_by = _match_genes(gene_names, gene_ids, vocab_symbols, genes.get("gene_ids"))
+            n_by_symbol = 0
+            if matched_by == "gene_ids" and gene_ids is not None:
+                # a species' genes come from several sources (data, ortholog tables): where ids
+                # miss, a gene may still be found by its symbol
+                by_symbol, _ = _match_genes(gene_names, None, vocab_symbols, None)
+                free = (position < 0) & (by_symbol >= 0) & ~np.isin(by_symbol, position[position >= 0])
+                free &= ~_repeated_targets(by_symbol, free)
+                position[free] = by_symbol[free]
+                n_by_symbol = int(free.sum())
             self._check_species_of_genes(gene_names, gene_ids, name, int((position >= 0).sum()))
             tokens = np.asarray(genes["tokens"], dtype=np.int64)
             vocab_index = np.where(position >= 0, tokens[np.maximum(position, 0)], -1)
@@ -452,6 +474,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             n_panel=n_panel,
             species=name,
             n_shared=n_shared,
+            n_by_symbol=0 if self.species is None else n_by_symbol,
         )
         threshold = self.min_gene_overlap if min_gene_overlap is None else min_gene_overlap
         if alignment.fraction < threshold:
@@ -601,6 +624,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         return_tensors: str | None = "pt",
         matrix_name: str | None = None,
         species: str | None = None,
+        alignment: GeneAlignment | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Cells -> model inputs.
@@ -611,6 +635,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
                 exactly the panel's genes in panel order).
             matrix_name: what to call a matrix input in error messages (e.g. ``raw.X``).
             species: the cells' species, for a multi-species model (one species per call).
+            alignment: these genes' :meth:`align_genes` result, reused across the chunks of one
+                file (checked and reported once, not per chunk).
 
         Returns:
             ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
@@ -648,7 +674,10 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             if adata is None:
                 raise
             raise ValueError(f"{error} Read another matrix: {_other_matrices(adata)}") from None
-        alignment = self.align_genes(gene_names, gene_ids, species=species)
+        if alignment is None:
+            alignment = self.align_genes(gene_names, gene_ids, species=species)
+        elif len(alignment.vocab_index) != len(gene_names):
+            raise ValueError(f"the alignment is of {len(alignment.vocab_index)} genes, the matrix has {len(gene_names)}.")
 
         library_size = np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
         columns = np.flatnonzero(alignment.vocab_index >= 0)

@@ -40,6 +40,22 @@ def test_streamed_file_equals_in_memory_predictions(trained_tiny_folder, data_fi
     assert not list(tmp_path.glob(".predicted.h5ad.incomplete-*"))
 
 
+def test_a_partial_gene_overlap_is_reported_once_per_file_not_per_chunk(trained_tiny_folder, tmp_path, capsys):
+    """The genes are aligned once per file and reused by every chunk: the low-overlap warning
+    appears once, however many chunks the file is read in."""
+    inputs = np.load(trained_tiny_folder / "inputs.npz")
+    keep = np.arange(40)  # 40 of the 60 panel genes: above the 50% floor, below the 90% warning
+    adata = ad.AnnData(inputs["counts"][:, keep].astype(np.float32))
+    adata.var_names = [str(g) for g in inputs["genes"][keep]]
+    path = tmp_path / "partial.h5ad"
+    adata.write_h5ad(path)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(trained_tiny_folder), "--input", str(path), "--output", str(tmp_path / "out.h5ad"),
+                 "--batch-size", "5"]) == 0
+    assert adata.n_obs > 5 * 3
+    assert capsys.readouterr().err.count("only 40/60 panel genes found") == 1
+
+
 def test_embed_writes_the_encoder_cell_embeddings(trained_tiny_folder, data_file, tmp_path):
     output = tmp_path / "embedded.h5ad"
     assert main(["embed", "--model", str(trained_tiny_folder), "--input", str(data_file), "--output", str(output)]) == 0

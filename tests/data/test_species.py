@@ -174,3 +174,25 @@ def test_masking_hides_the_share_of_each_cells_own_measured_genes():
     masked = MaskSampler(0.5, seed=0)(measured, ["a", "b"])
     assert masked.sum(1).tolist() == [8, 2]
     assert not (masked & ~measured).any()
+
+
+def test_a_low_overlap_error_says_what_was_found_by_id_by_symbol_and_in_ortholog_groups():
+    processor = ScrnaLongformerProcessor(
+        gene_symbols=["CD79A|Cd79a", "MS4A1|Ms4a1", "LYZ|Lyz2", "XIST [human]", "Cd3e [mouse]"],
+        species=["human", "mouse"],
+        min_gene_overlap=0.9,
+        species_genes={
+            "human": {"gene_symbols": ["CD79A", "MS4A1", "LYZ", "XIST"], "gene_ids": None, "tokens": [0, 1, 2, 3]},
+            "mouse": {
+                "gene_symbols": ["Cd79a", "Ms4a1", "Lyz2", "Cd3e"],
+                "gene_ids": ["ENSMUSG01", "ENSMUSG02", "ENSMUSG03", "ENSMUSG04"],
+                "tokens": [0, 1, 2, 4],
+            },
+        },
+    )
+    # Cd79a by id, Ms4a1 by symbol (its id differs in this annotation release), Cd3e absent
+    names, ids = ["Cd79a", "Ms4a1", "Lyz2"], ["ENSMUSG01", "ENSMUSG99", "ENSMUSG03"]
+    alignment = processor.align_genes(names, ids, species="mouse", min_gene_overlap=0.0)
+    assert (alignment.n_matched, alignment.n_by_symbol, alignment.n_shared) == (3, 1, 3)
+    with pytest.raises(ValueError, match=r"3/4 of the model's mouse genes .*2 by id, 1 by symbol; 3 in ortholog groups"):
+        processor.align_genes(names, ids, species="mouse")
