@@ -205,10 +205,11 @@ def _run_compare(args) -> None:
         test_cells = open_cells(args.test_file, layer=args.layer, use_raw=args.use_raw, input_kind=cells.input_kind,
                                 label_key=args.label_key, species=args.test_species, species_key=args.test_species_key)
     model_species = args.model_species
-    if test_cells is not None and test_cells.cell_species() is not None and model_species is None:
+    test_species = None if test_cells is None else test_cells.cell_species()
+    if test_species is not None and model_species is None:
         # the model must know the test cells' species too
-        model_species = list(dict.fromkeys([*(cells.cell_species() if cells.cell_species() is not None else []),
-                                            *test_cells.cell_species()]))
+        train_species = cells.cell_species()
+        model_species = list(dict.fromkeys([*(train_species if train_species is not None else []), *test_species]))
     cells = with_species_setup(cells, species=args.species, species_key=args.species_key, model_species=model_species,
                                orthologs=args.orthologs)
     targets = read_targets(task, cells, args.label_key, args.min_cells_per_label)

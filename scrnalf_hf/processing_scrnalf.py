@@ -24,15 +24,17 @@ _KIND_NAMES = {"counts": "raw integer counts", "log1p": "log-normalised values (
 GENE_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl_gene_id", "feature_id")
 
 
-# Other spellings of the species names users give (--species Homo_sapiens).
+# Other spellings of the species names users give (--species Homo_sapiens). Here, not in the
+# package's ortholog module, because this file travels with the weights.
 SPECIES_ALIASES = {
-    "homo_sapiens": "human", "homo sapiens": "human", "hsapiens": "human", "hs": "human",
-    "mus_musculus": "mouse", "mus musculus": "mouse", "mmusculus": "mouse", "mm": "mouse",
+    **dict.fromkeys(["human", "homo_sapiens", "homo sapiens", "hsapiens", "hs"], "human"),
+    **dict.fromkeys(["mouse", "mus_musculus", "mus musculus", "mmusculus", "mm"], "mouse"),
 }
 
 
 def _canonical_species(name: str) -> str:
-    key = str(name).strip().lower()
+    """``"Homo  Sapiens"`` -> ``"human"``; names without an alias are lowercased."""
+    key = " ".join(str(name).strip().lower().split())
     return SPECIES_ALIASES.get(key, key)
 
 

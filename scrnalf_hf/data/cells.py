@@ -12,6 +12,7 @@ matrix of a whole dataset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -105,7 +106,12 @@ class Cells:
 
     def cell_species(self) -> np.ndarray | None:
         """(n_cells,) each cell's species, canonical names (``Homo_sapiens`` -> ``human``), or
-        None when the cells carry no species."""
+        None when the cells carry no species. Read once: every batch of baselines features and
+        every collator asks."""
+        return self._cell_species
+
+    @functools.cached_property
+    def _cell_species(self) -> np.ndarray | None:
         if "species" not in self.dataset.column_names:
             return None
         from ..processing_scrnalf import _canonical_species

@@ -30,14 +30,10 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ..processing_scrnalf import gene_id_match_key, make_unique, repeated_keys, symbol_match_key
+from ..processing_scrnalf import _canonical_species, gene_id_match_key, make_unique, repeated_keys, symbol_match_key
 
 logger = logging.getLogger(__name__)
 
-SPECIES_ALIASES: dict[str, str] = {
-    **dict.fromkeys(["human", "homo_sapiens", "homo sapiens", "hsapiens", "hs"], "human"),
-    **dict.fromkeys(["mouse", "mus_musculus", "mus musculus", "mmusculus", "mm"], "mouse"),
-}
 
 HOMOLOGY_TYPES = ("one2one", "one2many", "many2many")
 PAIR_COLUMNS = ["a_id", "a_symbol", "b_id", "b_symbol", "homology"]
@@ -66,8 +62,7 @@ NOT_A_SPECIES = re.compile(r"gene|symbol|name|ensembl|ortholog|\bids?\b", re.I)
 def canonical_species(name: str, known: Sequence[str] | None = None) -> str:
     """The canonical name of a species (``"Homo sapiens"`` -> ``"human"``; names without an alias
     are just lowercased). With ``known``, a name outside it raises a one-line ``ValueError``."""
-    key = " ".join(str(name).strip().lower().split())
-    species = SPECIES_ALIASES.get(key, key)
+    species = _canonical_species(name)
     if known is not None and species not in known:
         raise ValueError(f"unknown species {name!r}; this model knows {list(known)}.")
     return species
