@@ -250,6 +250,99 @@ def _run_model_on_anndata(args) -> None:
         overwrite=args.overwrite, revision=args.revision, species=args.species)
 
 
+def _add_interpret_input(parser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or Hub repo id")
+    parser.add_argument("--input", required=True, help="input .h5ad (read into memory)")
+    parser.add_argument("--max-cells", type=int, default=None, help="analyse this many cells drawn at random (default: all)")
+    parser.add_argument("--batch-size", type=int, default=None, help="cells per forward pass")
+    parser.add_argument("--layer", default=None, help="read this layer ('X' for X) instead of where the model was trained")
+    parser.add_argument("--use-raw", action="store_true", default=None, help="read .raw instead of where the model was trained")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-cells draw")
+
+
+def _common_interpret(args) -> dict:
+    settings = {"max_cells": args.max_cells, "layer": args.layer, "use_raw": args.use_raw, "overwrite": args.overwrite,
+                "seed": args.seed}
+    if args.batch_size is not None:
+        settings["batch_size"] = args.batch_size
+    return settings
+
+
+def _add_grn(subparsers) -> None:
+    parser = _command(
+        subparsers, "grn",
+        "a ranked, directed gene-gene edge list from the model's attention on its kNN gene graph (TSV), "
+        "with an interactive heatmap (.html) and a static one (.png) beside it",
+    )
+    _add_interpret_input(parser)
+    parser.add_argument("--output", required=True, help="edge list .tsv (the heatmaps get the same name, .html/.png)")
+    parser.add_argument("--group-by", default=None, help="obs column: one edge list per group (e.g. cell type)")
+    parser.add_argument("--method", default="attention", choices=["attention", "gradient"],
+                        help="attention weights, or attention x gradient of the model's output")
+    parser.add_argument("--layers", default="all", help="'all' or comma-separated layer numbers from 0")
+    parser.add_argument("--heatmap-genes", type=_strings, default=None, help="comma-separated genes shown in the heatmaps")
+    parser.add_argument("--heatmap-top", type=int, default=30, help="else the genes with the strongest edges")
+    parser.set_defaults(func=_run_grn)
+
+
+def _run_grn(args) -> None:
+    from scrnalf_hf.interpret.commands import grn_file
+
+    layers = args.layers if args.layers == "all" else _ints(args.layers, "--layers")
+    grn_file(args.model, args.input, args.output, group_by=args.group_by, method=args.method, layers=layers,
+             heatmap_genes=args.heatmap_genes, heatmap_top=args.heatmap_top, **_common_interpret(args))
+
+
+def _add_explain(subparsers) -> None:
+    parser = _command(
+        subparsers, "explain",
+        "gene importance of a cell classifier: each class's top genes by integrated gradients (captum) or attention "
+        "rollout, as a table and bar plots",
+    )
+    _add_interpret_input(parser)
+    parser.add_argument("--output-dir", required=True, help="folder for top_genes.tsv, top_genes.png and explain.json")
+    parser.add_argument("--label-key", default=None, help="obs column of the cells' classes (default: the predicted class)")
+    parser.add_argument("--labels", type=_strings, default=None, help="comma-separated classes to report (default: all)")
+    parser.add_argument("--method", default="integrated_gradients", choices=["integrated_gradients", "attention_rollout"],
+                        help="attribution method")
+    parser.add_argument("--n-top", type=int, default=20, help="genes per class")
+    parser.add_argument("--n-steps", type=int, default=32, help="integration steps of integrated gradients")
+    parser.set_defaults(func=_run_explain)
+
+
+def _run_explain(args) -> None:
+    from scrnalf_hf.interpret.commands import explain_file
+
+    explain_file(args.model, args.input, args.output_dir, label_key=args.label_key, labels=args.labels,
+                 method=args.method, n_top=args.n_top, n_steps=args.n_steps, **_common_interpret(args))
+
+
+def _add_perturb(subparsers) -> None:
+    parser = _command(
+        subparsers, "perturb",
+        "in-silico perturbation: delete or overexpress genes in every cell (of a group) and measure how far the "
+        "cells' embeddings, class probabilities and other genes move",
+    )
+    _add_interpret_input(parser)
+    parser.add_argument("--output-dir", required=True, help="folder for gene_shift.tsv, cell_shift.tsv, perturbation.png/.json")
+    parser.add_argument("--genes", type=_strings, required=True, help="comma-separated genes perturbed together")
+    parser.add_argument("--mode", default="delete", choices=["delete", "overexpress"], help="what is done to them")
+    parser.add_argument("--group-by", default=None, help="obs column selecting the cells to perturb (with --group)")
+    parser.add_argument("--group", default=None, help="the value of --group-by whose cells are perturbed")
+    parser.add_argument("--target-label", default=None, help="a class of the model: measure the move toward it")
+    parser.add_argument("--rank-genes", type=_strings, default=None,
+                        help="comma-separated candidates, each perturbed alone and ranked by the move toward --target-label")
+    parser.set_defaults(func=_run_perturb)
+
+
+def _run_perturb(args) -> None:
+    from scrnalf_hf.interpret.commands import perturb_file
+
+    perturb_file(args.model, args.input, args.output_dir, args.genes, mode=args.mode, group_by=args.group_by,
+                 group=args.group, target_label=args.target_label, rank_genes=args.rank_genes, **_common_interpret(args))
+
+
 def _add_transfer(subparsers) -> None:
     parser = _command(
         subparsers, "transfer",
@@ -431,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(subparsers)
     _add_model_on_anndata(subparsers, "predict", "write a model's predictions (e.g. cell types) into an AnnData")
     _add_model_on_anndata(subparsers, "embed", "write cell embeddings into an AnnData (obsm['X_scrnalf'])")
+    _add_grn(subparsers)
+    _add_explain(subparsers)
+    _add_perturb(subparsers)
     _add_transfer(subparsers)
     _add_push(subparsers)
     _add_presets(subparsers)

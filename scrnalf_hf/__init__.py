@@ -27,6 +27,8 @@ ScrnaLongformerConfig.register_for_auto_class()
 ScrnaLongformerModel.register_for_auto_class("AutoModel")
 ScrnaLongformerProcessor.register_for_auto_class("AutoFeatureExtractor")
 
+from . import tl  # noqa: E402 - scanpy-style tools (scrnalf_hf.tl.embed, ...), after the registrations they load through
+
 __all__ = [
     "TASKS",
     "GeneAlignment",
@@ -39,4 +41,5 @@ __all__ = [
     "Task",
     "get_task",
     "register_task",
+    "tl",
 ]
