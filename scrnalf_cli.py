@@ -161,6 +161,9 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--early-stopping-patience", type=int, default=8, help="evaluations without improvement before stopping")
     parser.add_argument("--ensemble", type=int, default=1,
                         help="fit each preset this many times per fold (seeds seed, seed+1, ...) and average; the row is <preset>×N")
+    parser.add_argument("--root-cell", default=None,
+                        help="obs_names id of the cell where the trajectory starts: adds scanpy's diffusion pseudotime "
+                        "as a reference row (--task trajectory)")
     parser.set_defaults(func=_run_compare, passes_flags_on=True)
 
 
@@ -168,6 +171,7 @@ def _add_data_options(parser) -> None:
     parser.add_argument("--train-file", required=True, help=".h5ad file or a `scrnalf convert` folder")
     parser.add_argument("--task", default="classification", help="the head (classification, ...)")
     parser.add_argument("--label-key", default=None, help="obs column with the cell labels (classification)")
+    parser.add_argument("--time-key", default=None, help="numeric obs column with each cell's pseudotime or time (trajectory)")
     parser.add_argument("--layer", default=None, help="AnnData layer ('X' for X; default: layers['counts'], .raw, then X)")
     parser.add_argument("--use-raw", action="store_true", help="read .raw.X")
     parser.add_argument("--input-kind", default="auto", choices=["auto", "counts", "log1p"],
@@ -190,20 +194,25 @@ def _run_compare(args) -> None:
     from scrnalf_hf.data.species import with_species_setup
     from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
     from scrnalf_hf.training.compare import compare
-    from scrnalf_hf.training.finetune import read_targets
+    from scrnalf_hf.training.finetune import read_targets, target_key_of, target_obs_keys
     from scrnalf_hf.training.tasks import get_task
 
     task = get_task(args.task)
+    target_key = target_key_of(task, args)
+    if args.root_cell is not None and task.target_option != "time_key":
+        raise ValueError(f"--root-cell starts a diffusion pseudotime: it applies to --task trajectory, not to {task.summary}.")
     if (args.test_species or args.test_species_key) and not args.test_file:
         raise ValueError("--test-species / --test-species-key describe the cells of --test-file; give --test-file too.")
     if args.test_file and (args.species or args.species_key or args.model_species) and not (args.test_species or args.test_species_key):
         raise ValueError("say the species of the --test-file cells too: --test-species NAME or --test-species-key OBS_COLUMN.")
     cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-                       label_key=args.label_key, name=args.dataset_name, species=args.species, species_key=args.species_key)
+                       label_key=args.label_key, name=args.dataset_name, species=args.species, species_key=args.species_key,
+                       obs_keys=target_obs_keys(task, target_key))
     test_cells = test_targets = None
     if args.test_file:
         test_cells = open_cells(args.test_file, layer=args.layer, use_raw=args.use_raw, input_kind=cells.input_kind,
-                                label_key=args.label_key, species=args.test_species, species_key=args.test_species_key)
+                                label_key=args.label_key, species=args.test_species, species_key=args.test_species_key,
+                                obs_keys=target_obs_keys(task, target_key))
     model_species = args.model_species
     test_species = None if test_cells is None else test_cells.cell_species()
     if test_species is not None and model_species is None:
@@ -212,9 +221,9 @@ def _run_compare(args) -> None:
         model_species = list(dict.fromkeys([*(train_species if train_species is not None else []), *test_species]))
     cells = with_species_setup(cells, species=args.species, species_key=args.species_key, model_species=model_species,
                                orthologs=args.orthologs)
-    targets = read_targets(task, cells, args.label_key, args.min_cells_per_label)
+    targets = read_targets(task, cells, target_key, args.min_cells_per_label)
     if test_cells is not None:
-        test_targets = read_targets(task, test_cells, args.label_key)
+        test_targets = read_targets(task, test_cells, target_key)
     quiet = [] if args.verbose else ["--log-level", "warning"]
     training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed, flags=[*quiet, *args.extra_args])
     compare(
@@ -224,6 +233,7 @@ def _run_compare(args) -> None:
         config_overrides=parse_config_overrides(args.config_overrides), n_top_genes=args.n_top_genes,
         validation_fraction=args.validation_fraction, early_stopping_patience=args.early_stopping_patience,
         only_folds=None if args.folds is None else _ints(args.folds, "--folds"), ensemble=args.ensemble,
+        root_cell=args.root_cell,
     )
     print((Path(args.output_dir) / "comparison.md").read_text())
 

@@ -9,6 +9,7 @@ from .configuration_scrnalf import ScrnaLongformerConfig
 from .modeling_scrnalf import (
     ScrnaLongformerForCellClassification,
     ScrnaLongformerForMaskedGeneModeling,
+    ScrnaLongformerForTrajectory,
     ScrnaLongformerModel,
     ScrnaLongformerPreTrainedModel,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ScrnaLongformerConfig",
     "ScrnaLongformerForCellClassification",
     "ScrnaLongformerForMaskedGeneModeling",
+    "ScrnaLongformerForTrajectory",
     "ScrnaLongformerModel",
     "ScrnaLongformerPreTrainedModel",
     "ScrnaLongformerProcessor",

@@ -58,6 +58,10 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             onto it). A single-species model leaves it ``None``.
         modalities: extra modalities and their feature counts, e.g. ``{"protein": 30}``
             (reserved for multimodal heads; RNA-only models leave it ``None``).
+        time_conditioning: whether the trajectory head (``ScrnaLongformerForTrajectory``) also
+            reads each cell's sampled time point (``time_points``, e.g. the day of collection on a
+            scale of about 0–1), encoded by a small learned module and added to the cell embedding
+            before the pseudotime regressor. Other heads ignore it.
         layer_norm_eps: epsilon of every LayerNorm.
         initializer_range: standard deviation of the normal weight initialisation.
     """
@@ -90,6 +94,7 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     label_smoothing: float | int = 0.0
     species: list[str] | None = None
     modalities: dict[str, int] | None = None
+    time_conditioning: bool = False
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 

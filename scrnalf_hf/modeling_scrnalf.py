@@ -553,6 +553,25 @@ class CellClassifierOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class TrajectoryOutput(ModelOutput):
+    """
+    Args:
+        loss: mean squared error between ``logits`` and ``labels``; only when ``labels`` are given.
+        logits: (batch,) predicted pseudotime (or time) of each cell, in the units of the
+            training targets. One value per cell, not (batch, 1): it is compared with (batch,)
+            targets as it is.
+        cell_embedding: (batch, d_model), the encoder's cell embedding (before any time point
+            is added).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +588,9 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # A checkpoint of one head loads into any other (or the bare model) without the other
     # heads' weights being reported as unexpected.
-    _keys_to_ignore_on_load_unexpected = [r"classifier\.", r"prediction_(transform|norm|head)\.", r"mask_embedding"]
+    _keys_to_ignore_on_load_unexpected = [
+        r"classifier\.", r"prediction_(transform|norm|head)\.", r"mask_embedding", r"regressor\.", r"time_encoder\.",
+    ]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -1101,12 +1122,101 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         return F.cross_entropy(logits, labels.long(), weight=weight, label_smoothing=self.config.label_smoothing)
 
 
+class ScrnaLongformerTimeEncoder(nn.Module):
+    """A sampled time point (batch,) -> a (batch, d_model) vector added to the cell embedding: a
+    two-layer perceptron, so that the model can learn how collection time shifts pseudotime
+    (the roadmap's temporal model). Time points should be on a scale of about 0–1 (e.g. days
+    divided by the last day)."""
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__()
+        self.input = nn.Linear(1, config.d_model)
+        self.output = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, time_points: torch.Tensor) -> torch.Tensor:
+        return self.output(F.gelu(self.input(time_points.unsqueeze(-1))))  # (b, d)
+
+
+class ScrnaLongformerForTrajectory(ScrnaLongformerPreTrainedModel):
+    """Pseudotime (or time) regression: one value per cell, regressed from the cell embedding
+    with a linear head and a mean-squared-error loss.
+
+    With ``config.time_conditioning`` the model also reads each cell's sampled time point (the
+    collection time of its sample, ``time_points``), encoded by ``ScrnaLongformerTimeEncoder``
+    and added to the cell embedding before the head: pseudotime then refines the coarse
+    collection time instead of being read from expression alone.
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__(config)
+        self.scrna_longformer = ScrnaLongformerModel(config)
+        self.time_encoder = ScrnaLongformerTimeEncoder(config) if config.time_conditioning else None
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.regressor = nn.Linear(config.d_model, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        expression: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        time_points: torch.Tensor | None = None,
+        species: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TrajectoryOutput | tuple:
+        r"""
+        Args:
+            labels: (batch,) float target pseudotime (or time) of each cell; the loss is the mean
+                squared error.
+            time_points: (batch,) float sampled (collection) time of each cell's sample; required
+                when ``config.time_conditioning`` is set, refused otherwise.
+            species: (batch,) species ids (see ``ScrnaLongformerModel.forward``).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if (time_points is not None) != (self.time_encoder is not None):
+            raise ValueError(
+                "time_points are read only by a model with config.time_conditioning=True and required by it; "
+                f"this model has time_conditioning={self.config.time_conditioning} and "
+                f"{'got' if time_points is not None else 'no'} time_points."
+            )
+        if time_points is not None and tuple(time_points.shape) != (expression.shape[0],):
+            raise ValueError(
+                f"time_points must be (batch,) = ({expression.shape[0]},) floats, got shape {tuple(time_points.shape)}."
+            )
+        if labels is not None and labels.numel() != expression.shape[0]:
+            raise ValueError(f"labels must hold one value per cell ({expression.shape[0]}), got shape {tuple(labels.shape)}.")
+        outputs = self.scrna_longformer(
+            expression,
+            attention_mask=attention_mask,
+            species=species,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        cell_state = outputs.cell_embedding  # (b, d)
+        if self.time_encoder is not None:
+            cell_state = cell_state + self.time_encoder(time_points.to(cell_state.dtype))
+        logits = self.regressor(self.dropout(cell_state)).squeeze(-1)  # (b,)
+        loss = None if labels is None else F.mse_loss(logits, labels.to(logits.dtype).view(-1))
+        output = TrajectoryOutput(
+            loss=loss,
+            logits=logits,
+            cell_embedding=outputs.cell_embedding,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
 __all__ = [
     "ATTENTION_FUNCTIONS",
     "ScrnaLongformerPreTrainedModel",
     "ScrnaLongformerModel",
     "ScrnaLongformerForMaskedGeneModeling",
     "ScrnaLongformerForCellClassification",
+    "ScrnaLongformerForTrajectory",
     "default_gene_neighbors",
     "validate_gene_neighbors",
     "resolve_attention_function",

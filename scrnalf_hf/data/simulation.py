@@ -14,7 +14,11 @@ Generative model, per cell ``c`` and gene ``g`` (natural-log scale ``eta``):
   regulator's realised level times the edge weight, so regulator noise propagates downstream
   and not upstream (the edges are causal, not just correlated);
 - every cell type has marker genes raised by ``marker_log_fold_change``;
-- optional: a pseudotime ``t ~ U(0, 1)`` that moves trajectory genes linearly, a per-batch gene
+- optional: a pseudotime ``t ~ U(0, 1)`` that moves trajectory genes linearly; with
+  ``trajectory_shape="branching"`` the trajectory also forks at ``branch_point``: past it each
+  cell follows one of two branches (``obs["branch"]``: ``stem`` before the fork, then
+  ``branch_a`` or ``branch_b`` with probability 1/2), and each branch has its own genes that
+  move linearly from the fork to ``t = 1`` in that branch's cells only; a per-batch gene
   shift, a second species whose orthologous genes share the human gene's programme (with a
   per-gene log shift of ``species_shift_sd``); a fraction of those orthologs are one-to-many:
   two mouse paralogs that share the programme and split the expression (shares ``p`` and
@@ -49,6 +53,8 @@ from anndata.io import write_elem
 
 _BLOCK_CELLS = 4096
 SPECIES = ("human", "mouse")
+TRAJECTORY_SHAPES = ("linear", "branching")
+BRANCHES = ("stem", "branch_a", "branch_b")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,16 @@ class SimulationSettings:
         batch_effect_sd: standard deviation of the per-batch log shift of each gene.
         trajectory: whether cells carry a pseudotime that moves trajectory genes.
         trajectory_fraction: fraction of genes whose level follows pseudotime.
-        trajectory_log_fold_change: natural-log change of a trajectory gene from t=0 to t=1.
+        trajectory_log_fold_change: natural-log change of a trajectory gene from t=0 to t=1
+            (of a branch gene, from the branch point to t=1).
+        trajectory_shape: ``"linear"`` (one path; every trajectory gene follows t) or
+            ``"branching"`` (needs ``trajectory``): the linear genes still follow t in every
+            cell, and past ``branch_point`` each cell takes branch a or b, whose own genes
+            (``trajectory_fraction`` of the genes per branch, chosen among the genes that do not
+            follow t) move only in that branch's cells. The branch draws come from random
+            streams of their own: every other gene plan value, each cell's pseudotime, type,
+            batch and library size are those of the linear trajectory with the same seed.
+        branch_point: pseudotime of the fork, in (0, 1) (``"branching"`` only).
         second_species: whether half of the cells are mouse cells measured on mouse genes.
         ortholog_fraction: fraction of human genes with a mouse ortholog (one-to-one or
             one-to-many); mouse genes without one are mouse-specific: own baseline, no programme.
@@ -113,6 +128,8 @@ class SimulationSettings:
     trajectory: bool = False
     trajectory_fraction: float = 0.1
     trajectory_log_fold_change: float = 2.0
+    trajectory_shape: str = "linear"
+    branch_point: float = 0.5
     second_species: bool = False
     ortholog_fraction: float = 0.8
     one_to_many_fraction: float = 0.0
@@ -136,6 +153,12 @@ class SimulationSettings:
                 f"{n_free} of {self.n_genes} are; raise n_genes or lower markers_per_type or "
                 "module_fraction."
             )
+        if self.trajectory_shape not in TRAJECTORY_SHAPES:
+            raise ValueError(f"trajectory_shape must be one of {TRAJECTORY_SHAPES}, got {self.trajectory_shape!r}.")
+        if self.trajectory_shape == "branching" and not self.trajectory:
+            raise ValueError('trajectory_shape="branching" needs trajectory=True.')
+        if not 0.0 < self.branch_point < 1.0:
+            raise ValueError(f"branch_point must lie in (0, 1), got {self.branch_point}.")
         if not 0.0 <= self.one_to_many_fraction <= 1.0:
             raise ValueError(f"one_to_many_fraction must be in [0, 1], got {self.one_to_many_fraction}.")
         if self.one_to_many_fraction > 0 and not self.second_species:
@@ -161,6 +184,7 @@ class _GenePlan:
     type_module_activity: np.ndarray  # (cell_types, modules)
     marker_of: np.ndarray  # (genes,) int cell type a gene marks, -1 = none
     trajectory_slope: np.ndarray  # (genes,) log change from t=0 to t=1
+    branch_slope: np.ndarray  # (2, genes) log change of branch a / b genes from the fork to t=1
     batch_shift: np.ndarray  # (batches, genes)
     type_proportions: np.ndarray  # (cell_types,)
     # second species: mouse gene j is the ortholog of human gene mouse_ortholog_of[j], or -1
@@ -224,6 +248,7 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
     mouse_paralog_base_log_mean = unsplit + np.log1p(-share)
     mouse_base_log_mean[mouse_paralog_of] = unsplit + np.log(share)
     protein_gene = free_genes[: settings.n_proteins * settings.markers_per_type : settings.markers_per_type]
+    branch_slope = _branch_slopes(settings, trajectory_slope)
 
     return _GenePlan(
         base_log_mean=base_log_mean,
@@ -234,6 +259,7 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
         type_module_activity=type_module_activity,
         marker_of=marker_of,
         trajectory_slope=trajectory_slope,
+        branch_slope=branch_slope,
         batch_shift=batch_shift,
         type_proportions=type_proportions,
         mouse_ortholog_of=mouse_ortholog_of,
@@ -243,6 +269,22 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
         protein_gene=protein_gene,
         log_normaliser=float(np.log(np.exp(base_log_mean).sum())),
     )
+
+
+def _branch_slopes(settings: SimulationSettings, trajectory_slope: np.ndarray) -> np.ndarray:
+    """(2, genes) slopes of the genes of branch a and b: two disjoint sets of
+    ``trajectory_fraction`` of the genes, among those that do not follow t, each gene rising or
+    falling by ``trajectory_log_fold_change``. Drawn from a stream of their own."""
+    slopes = np.zeros((2, settings.n_genes))
+    if settings.trajectory_shape != "branching":
+        return slopes
+    rng = np.random.default_rng([settings.seed, 3])
+    candidates = np.flatnonzero(trajectory_slope == 0)
+    n_branch = min(max(1, int(settings.trajectory_fraction * settings.n_genes)), len(candidates) // 2)
+    chosen = rng.choice(candidates, 2 * n_branch, replace=False).reshape(2, n_branch)
+    for branch, genes in enumerate(chosen):
+        slopes[branch, genes] = settings.trajectory_log_fold_change * rng.choice([-1.0, 1.0], n_branch)
+    return slopes
 
 
 def _one_to_many(
@@ -295,6 +337,17 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
     if pseudotime is not None:
         moving = np.flatnonzero(plan.trajectory_slope)
         program[:, moving] += (pseudotime[:, None] - 0.5) * plan.trajectory_slope[moving][None, :]
+    branch = None
+    if settings.trajectory_shape == "branching":
+        # own stream: the draws above and below stay those of the linear trajectory
+        branch_rng = np.random.default_rng([settings.seed, 3, block])
+        past_fork = pseudotime >= settings.branch_point
+        branch = np.where(past_fork, 1 + (branch_rng.random(n_cells) < 0.5), 0)  # 0 stem, 1 a, 2 b
+        progress = np.clip((pseudotime - settings.branch_point) / (1.0 - settings.branch_point), 0.0, 1.0)
+        for b in (1, 2):
+            genes = np.flatnonzero(plan.branch_slope[b - 1])
+            on_branch = (branch == b)[:, None]
+            program[:, genes] += np.where(on_branch, progress[:, None] * plan.branch_slope[b - 1, genes][None, :], 0.0)
     if settings.n_batches > 1:
         program += plan.batch_shift[batch]
 
@@ -334,6 +387,8 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
     }
     if pseudotime is not None:
         obs["pseudotime"] = pseudotime.astype(np.float32)
+    if branch is not None:
+        obs["branch"] = pd.Categorical.from_codes(branch, list(BRANCHES))
     if settings.second_species:
         obs["species"] = pd.Categorical.from_codes(species, list(SPECIES))
     start = block * _BLOCK_CELLS
@@ -407,6 +462,14 @@ def _var_and_truth(settings: SimulationSettings, plan: _GenePlan) -> tuple[pd.Da
     if settings.n_proteins:
         truth["protein_names"] = np.array([f"PROT_{symbols[g]}" for g in plan.protein_gene])
         truth["protein_genes"] = symbols[plan.protein_gene]
+    if settings.trajectory_shape == "branching":
+        # mouse genes (a second species) carry their human ortholog's branch slopes
+        human_of = np.arange(n_genes) if not settings.second_species else np.concatenate(
+            [np.arange(n_genes), np.where(plan.mouse_ortholog_of >= 0, plan.mouse_ortholog_of, -1), plan.mouse_paralog_of]
+        )
+        for b, name in enumerate(BRANCHES[1:]):
+            var[f"{name}_slope"] = np.where(human_of >= 0, plan.branch_slope[b][np.maximum(human_of, 0)], 0.0)
+        truth["branch_point"] = settings.branch_point
     var["module"] = var["module"].astype(np.int64)
     return var, truth
 
@@ -435,10 +498,13 @@ def simulate(n_cells: int = 2000, n_genes: int = 500, *, seed: int = 0, **settin
         ``2 * n_genes + n_one_to_many`` columns; a cell has counts only in its own species'
         columns);
         ``obs``: ``cell_type``, ``batch``, ``true_library_size`` and, when enabled,
-        ``pseudotime`` and ``species``;
+        ``pseudotime`` (the true pseudotime in [0, 1), for branching trajectories too),
+        ``branch`` (``trajectory_shape="branching"``: ``stem``, ``branch_a``, ``branch_b``) and
+        ``species``;
         ``var``: symbols as ``var_names``, ``gene_ids`` (Ensembl-like), ``species``, ``module``
         (-1 = none), ``is_regulator``, ``marker_of`` (cell type or ""), ``base_log_mean``,
-        ``trajectory_slope``;
+        ``trajectory_slope`` and, for a branching trajectory, ``branch_a_slope`` /
+        ``branch_b_slope`` (log change of each branch's genes from the fork to t=1);
         ``obsm["protein"]``: (n_cells, n_proteins) float32 protein counts when ``n_proteins > 0``;
         ``uns["simulation"]``: the settings, cell types and their proportions, the
         (cell_types, modules) programme, ``regulatory_edges`` (source → target symbols with

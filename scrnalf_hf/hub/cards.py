@@ -115,6 +115,8 @@ BASELINE_NAMES = {
     "majority": "majority class",
     "random_forest": "random forest",
     "knn_pca": "kNN on PCA",
+    "ridge": "ridge regression",
+    "diffusion_pseudotime": "diffusion pseudotime (scanpy DPT)",
 }
 
 

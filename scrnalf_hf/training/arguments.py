@@ -27,6 +27,10 @@ class DataArguments:
     label_key: str | None = field(
         default=None, metadata={"help": "obs column with the cell labels (classification)."}
     )
+    time_key: str | None = field(
+        default=None,
+        metadata={"help": "numeric obs column with each cell's pseudotime or time (--task trajectory)."},
+    )
     layer: str | None = field(default=None, metadata={"help": "AnnData layer to read ('X' for X; default: counts layer, .raw, X)."})
     use_raw: bool = field(default=False, metadata={"help": "read .raw.X."})
     input_kind: str = field(
@@ -94,7 +98,9 @@ class DataArguments:
 class ModelArguments:
     """Which model to train."""
 
-    task: str | None = field(default=None, metadata={"help": "classification | masked_genes (default per command)."})
+    task: str | None = field(
+        default=None, metadata={"help": "classification | masked_genes | trajectory (default per command)."}
+    )
     preset: str | None = field(default=None, metadata={"help": "tiny | default | large (a fresh model)."})
     model_name_or_path: str | None = field(
         default=None,
@@ -235,7 +241,7 @@ def check_training_arguments(training_args: TrainingArguments) -> TrainingArgume
 
 
 # Options that do not apply to a command (its help leaves them out).
-NOT_FOR = {"pretrain": {"label_key", "min_cells_per_label", "class_weighting", "freeze_encoder", "n_top_genes"}}
+NOT_FOR = {"pretrain": {"label_key", "time_key", "min_cells_per_label", "class_weighting", "freeze_encoder", "n_top_genes"}}
 
 
 def command_help(command: str) -> str:

@@ -7,7 +7,8 @@ fitted on the training cells only, and gets no tuning the transformer lacks: cla
 one switch that applies to every method of a comparison or to none (``class_weighting``).
 
 Each task declares which baselines apply to it (:mod:`~scrnalf_hf.training.tasks`).
-Classification (``CLASSIFICATION_BASELINES``):
+Trajectory (``REGRESSION_BASELINES``): ``ridge``, scikit-learn ``Ridge(alpha=1.0)`` on the matrix
+as is, regressing each cell's pseudotime (or time). Classification (``CLASSIFICATION_BASELINES``):
 
 - ``majority``: always the most frequent training class — the floor every model must clear.
 - ``logreg``: scikit-learn ``LogisticRegression(max_iter=1000)`` on the matrix as is (the
@@ -27,7 +28,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 
@@ -88,11 +89,20 @@ CLASSIFICATION_BASELINES: dict[str, Callable] = {
 }
 
 
+def _ridge(seed: int, class_weighting: str | None):
+    if class_weighting is not None:
+        raise ValueError(f"class weighting applies to classification, not to ridge regression; got {class_weighting!r}.")
+    return Ridge(alpha=1.0, random_state=seed)
+
+
+REGRESSION_BASELINES: dict[str, Callable] = {"ridge": _ridge}
+
+
 @dataclass
 class BaselineResult:
     """What one baseline fit on one split produced."""
 
-    predictions: np.ndarray  # (n_eval,) point predictions (class ids for classification)
+    predictions: np.ndarray  # (n_eval,) point predictions (class ids for classification, values for regression)
     train_seconds: float
     n_parameters: int
 

@@ -18,6 +18,11 @@ Writes into ``output_dir``:
     Markdown table: mean ± std (over folds) per method, and the worst fold of the first metric.
 ``comparison.png``
     each metric per method (bars = mean, labelled; dots = folds).
+With a root cell (``root_cell``, trajectory task only), scanpy's diffusion pseudotime joins as a
+row ``diffusion_pseudotime`` per fold (:mod:`~scrnalf_hf.training.pseudotime`: unsupervised,
+computed on the fold's training and held-out cells together, mapped to the training times'
+scale by a line fitted on the training cells).
+
 ``comparison_predictions.npz``
     out-of-fold point predictions per method (``<method>``, (n_cells,); -1 / NaN where not
     scored), the targets (``labels``) and each cell's ``fold``.
@@ -44,6 +49,7 @@ from ..data.cells import Cells
 from ..data.splits import check_class_sizes, cross_validation_folds
 from ..presets import PRESET_NAMES
 from .finetune import CellPart, check_output_folder, fit_baselines, finetune, score_held_out
+from .pseudotime import METHOD as DPT
 from .tasks import Targets, Task
 
 logger = logging.getLogger(__name__)
@@ -109,6 +115,7 @@ def compare(
     only_folds: Sequence[int] | None = None,
     keep_models: bool = False,
     ensemble: int = 1,
+    root_cell: str | None = None,
 ) -> ComparisonResult:
     """Run every method on the same folds (or the same separate test cells).
 
@@ -131,6 +138,8 @@ def compare(
             ``seed + ensemble - 1`` (each also drawing its own validation cells), and average
             their kept predictions (class probabilities); the row is named
             ``<preset>×<ensemble>`` and counts the summed training time and parameters.
+        root_cell: the ``obs_names`` id of the cell where the trajectory starts: adds scanpy's
+            diffusion pseudotime as a reference row (trajectory task, cross-validation only).
 
     Raises:
         ValueError: unknown methods, classes too small for ``n_folds``, folds smaller than the
@@ -148,6 +157,15 @@ def compare(
     check_output_folder(output_dir)
     if ensemble < 1 or (ensemble > 1 and keep_models):
         raise ValueError(f"ensemble must be a positive number of fits (and 1 with keep_models), got {ensemble}.")
+    root = None
+    if root_cell is not None:
+        from .pseudotime import root_row
+
+        if targets.names is not None or targets.values is None:
+            raise ValueError(f"--root-cell starts a diffusion pseudotime, which compares with times, not with {task.summary}.")
+        if test_cells is not None:
+            raise ValueError("--root-cell orders the cells of one dataset; use it with --cv, not with --test-file.")
+        root = root_row(cells, root_cell)
     usable = np.flatnonzero(targets.usable)
     stratify = None if targets.stratify is None else targets.stratify[usable]
     if test_cells is None:
@@ -174,6 +192,8 @@ def compare(
         row_names = {m: m if m in task.baselines or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
         n_test = test_side.cells.n_cells
         predictions = {row_names[m]: np.full(n_test, -1, dtype=np.int64 if targets.names else np.float64) for m in method_names}
+        if root is not None:
+            predictions[DPT] = np.full(n_test, np.nan)
         fold_of_cell = np.full(n_test, -1, dtype=np.int64)
         fold_models: dict = {}
         started = time.perf_counter()
@@ -183,12 +203,15 @@ def compare(
             test = CellPart(test_side.cells, test_labels, test_rows)
             baseline_names = [m for m in method_names if m in task.baselines]
             baseline_rows, baseline_points = {}, {}
-            if baseline_names:
+            fold_processor = None
+            if baseline_names or root is not None:
                 from ..data.panel import fit_processor
 
+                fold_processor = fit_processor(cells, train_rows, n_top_genes, seed=seed)
+            if baseline_names:
                 logger.info("compare: fold %d of %d, baselines %s", fold, n_folds, ", ".join(baseline_names))
                 fitted_rows, baseline_points = fit_baselines(
-                    task, fit_processor(cells, train_rows, n_top_genes, seed=seed), CellPart(cells, targets, train_rows),
+                    task, fold_processor, CellPart(cells, targets, train_rows),
                     test, baseline_names, seed=seed, class_weighting=class_weighting, fold=fold,
                 )
                 baseline_rows = {row["method"]: row for row in fitted_rows}
@@ -231,6 +254,18 @@ def compare(
                     "compare: fold %d %s %s (%.1f s)", fold, row["method"],
                     " ".join(f"{name} {row[name]:.3f}" for name in task.metric_names), row["train_seconds"],
                 )
+                (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+            if root is not None:
+                from .pseudotime import fit_diffusion_pseudotime
+
+                logger.info("compare: fold %d of %d, diffusion pseudotime", fold, n_folds)
+                point, seconds = fit_diffusion_pseudotime(
+                    cells, fold_processor, train_rows, targets.values[train_rows], test_rows, root, seed=seed
+                )
+                scores = task.score(test_labels.values[test_rows], point, test_labels, detailed=False)
+                # the line mapping DPT to the training times: its slope and intercept
+                rows.append({"method": DPT, "fold": fold, **scores, "train_seconds": float(seconds), "n_parameters": 2})
+                predictions[DPT][test_rows] = point
                 (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
 
         np.savez(output_dir / "comparison_predictions.npz", labels=test_labels.values if test_labels.values is not None else [],

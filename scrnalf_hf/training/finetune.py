@@ -65,6 +65,24 @@ def no_targets(cells: Cells) -> Targets:
     return Targets(values=None, usable=np.ones(cells.n_cells, dtype=bool))
 
 
+def target_key_of(task: Task, arguments) -> str | None:
+    """The ``obs`` column of the task's targets named on the command line (``arguments.label_key``
+    for classification, ``arguments.time_key`` for the trajectory task); the other task's option
+    given instead is refused in one line."""
+    options = ("label_key", "time_key")
+    for option in options:
+        if option != task.target_option and getattr(arguments, option, None) is not None:
+            wanted = f"; give --{task.target_option.replace('_', '-')} instead" if task.target_option else ""
+            raise ValueError(f"--{option.replace('_', '-')} does not apply to {task.summary}{wanted}.")
+    return None if task.target_option is None else getattr(arguments, task.target_option, None)
+
+
+def target_obs_keys(task: Task, key: str | None) -> tuple[str, ...]:
+    """``obs`` columns an ``.h5ad`` input's conversion must keep for the task's targets besides
+    the label (classification stores its label column as ``label``)."""
+    return () if key is None or task.target_option == "label_key" else (key,)
+
+
 def read_targets(task: Task, cells: Cells, key: str | None, min_cells_per_label: int | None = None) -> Targets:
     """The task's targets of ``cells`` (``obs[key]``), checked before any model exists."""
     if task.read_targets is None:
@@ -608,6 +626,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
         raise ValueError("give --preset tiny|default|large for a fresh model or --model PATH_OR_REPO to start from one.")
     if task.read_targets is None and data_args.label_key is not None:
         raise ValueError(f"--label-key does not apply to {task.summary}; drop it.")
+    target_key = target_key_of(task, data_args)
     if training_args.num_train_epochs <= 0 and training_args.max_steps <= 0:
         raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs}; nothing would be trained.")
     if not 0.0 <= data_args.test_fraction < 1.0:
@@ -631,7 +650,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     cells = open_cells(
         data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
         label_key=data_args.label_key, name=data_args.dataset_name,
-        species=data_args.species, species_key=data_args.species_key,
+        species=data_args.species, species_key=data_args.species_key, obs_keys=target_obs_keys(task, target_key),
     )
     if model_args.model_name_or_path is None:
         cells = with_species_setup(
@@ -640,7 +659,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
         )
     elif data_args.model_species is not None:
         raise ValueError("--model-species chooses the species of a fresh model; a saved model (--model) keeps its own.")
-    targets = read_targets(task, cells, data_args.label_key, data_args.min_cells_per_label)
+    targets = read_targets(task, cells, target_key, data_args.min_cells_per_label)
     usable = np.flatnonzero(targets.usable)
     seed = training_args.seed
     if data_args.test_fraction > 0:
@@ -675,7 +694,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     baselines = []
     if held_out is not None and task.baselines:
         all_train = np.sort(np.concatenate([result.train_rows, result.validation_rows]))
-        names = [task.floor, "logreg"] if task.floor else ["logreg"]
+        names = [name for name in dict.fromkeys([task.floor, "logreg"]) if name in task.baselines]
         baselines, _ = fit_baselines(
             task, result.processor, CellPart(cells, targets, all_train), CellPart(cells, targets, test_rows), names,
             seed=seed, class_weighting=model_args.class_weighting,
@@ -705,5 +724,7 @@ __all__ = [
     "prepare_output_dir",
     "read_targets",
     "score_held_out",
+    "target_key_of",
+    "target_obs_keys",
     "train_from_arguments",
 ]

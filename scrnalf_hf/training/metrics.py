@@ -1,4 +1,4 @@
-"""Classification metrics through `evaluate`, loaded from modules shipped inside this package.
+"""Classification and regression metrics through `evaluate`, loaded from modules shipped inside this package.
 
 ``evaluate.load("accuracy")`` would download the metric script from the Hub; the scripts in
 ``metric_modules/`` are loaded by local path instead, so metrics work offline
@@ -15,7 +15,7 @@ import evaluate
 import numpy as np
 
 METRIC_MODULES_DIR = Path(__file__).parent / "metric_modules"
-METRIC_NAMES = ("accuracy", "f1", "confusion_matrix")
+METRIC_NAMES = ("accuracy", "f1", "confusion_matrix", "spearmanr", "mae")
 
 
 @lru_cache(maxsize=None)
@@ -80,6 +80,29 @@ def classification_metrics(
             predictions=predictions, references=references, labels=all_labels
         )["confusion_matrix"]
     return result
+
+
+def regression_metrics(references: Sequence[float] | np.ndarray, predictions: Sequence[float] | np.ndarray) -> dict:
+    """Spearman rank correlation and mean absolute error of continuous predictions (pseudotime).
+
+    Args:
+        references / predictions: (n_cells,) true and predicted values, in the same units.
+
+    Returns:
+        ``{"spearman", "mae"}``; ``spearman`` is NaN when the predictions are constant.
+    """
+    references = np.asarray(references, dtype=np.float64).ravel()
+    predictions = np.asarray(predictions, dtype=np.float64).ravel()
+    if references.shape != predictions.shape:
+        raise ValueError(
+            f"references and predictions must have one entry per cell; got {references.shape[0]} "
+            f"references and {predictions.shape[0]} predictions."
+        )
+    if references.size == 0:
+        raise ValueError("cannot score an empty split: no cells were given.")
+    spearman = load_metric("spearmanr").compute(predictions=predictions, references=references)["spearmanr"]
+    mae = load_metric("mae").compute(predictions=predictions, references=references)["mae"]
+    return {"spearman": float(spearman), "mae": float(mae)}
 
 
 def make_compute_metrics(num_labels: int) -> Callable:

@@ -232,3 +232,48 @@ def test_simulate_two_species_is_deterministic_and_one_to_many_keeps_the_cells()
     assert plain[0].obs.equals(a[0].obs) and plain[1].obs.equals(a[1].obs)
     assert plain[0].var.equals(a[0].var) and plain[1].n_vars == 60 < a[1].n_vars
 
+
+
+def test_linear_trajectory_is_unchanged_by_the_branching_setting():
+    """Pinned: the counts of a linear trajectory as the simulator drew them before branching
+    trajectories existed (branch draws come from streams of their own)."""
+    import hashlib
+
+    adata = simulate(300, 60, seed=3, trajectory=True, n_cell_types=3, markers_per_type=4)
+    assert hashlib.sha256(adata.X.toarray().tobytes()).hexdigest()[:16] == "46c93905394aad14"
+    assert "branch" not in adata.obs and "branch_a_slope" not in adata.var
+
+
+def test_branching_trajectory_moves_each_branch_genes_only_past_the_fork_on_that_branch():
+    linear = simulate(3000, 100, seed=1, trajectory=True, **SMALL)
+    adata = simulate(3000, 100, seed=1, trajectory=True, trajectory_shape="branching", **SMALL)
+    obs, var = adata.obs, adata.var
+    # same cells otherwise: pseudotime, types and library sizes come from the same draws
+    np.testing.assert_array_equal(obs["pseudotime"], linear.obs["pseudotime"])
+    np.testing.assert_array_equal(obs["true_library_size"], linear.obs["true_library_size"])
+    branch, time = obs["branch"].to_numpy(), obs["pseudotime"].to_numpy()
+    assert list(obs["branch"].cat.categories) == ["stem", "branch_a", "branch_b"]
+    assert ((branch == "stem") == (time < 0.5)).all()
+    assert 0.4 < (branch == "branch_a").sum() / (time >= 0.5).sum() < 0.6
+    a_genes, b_genes = (var["branch_a_slope"] != 0).to_numpy(), (var["branch_b_slope"] != 0).to_numpy()
+    assert a_genes.sum() == b_genes.sum() == 10 and not (a_genes & b_genes).any()
+    assert not ((var["trajectory_slope"] != 0).to_numpy() & (a_genes | b_genes)).any()
+    normalised = np.log1p(adata.X.toarray() / adata.X.sum(1).A * 1e4)
+    # a branch's rising genes, signed by their slope: track pseudotime on that branch, not elsewhere
+    for name, genes, other in (("branch_a", a_genes, "branch_b"), ("branch_b", b_genes, "branch_a")):
+        score = normalised[:, genes] @ np.sign(var.loc[genes, f"{name}_slope"].to_numpy())
+        on, off, stem = branch == name, branch == other, branch == "stem"
+        assert np.corrcoef(time[on], score[on])[0, 1] > 0.5
+        assert abs(np.corrcoef(time[off], score[off])[0, 1]) < 0.15
+        assert abs(np.corrcoef(time[stem], score[stem])[0, 1]) < 0.15
+    # linear trajectory genes follow pseudotime in every cell
+    moving = (var["trajectory_slope"] != 0).to_numpy()
+    score = normalised[:, moving] @ np.sign(var.loc[moving, "trajectory_slope"].to_numpy())
+    assert np.corrcoef(time, score)[0, 1] > 0.5
+
+
+def test_branching_needs_a_trajectory():
+    with pytest.raises(ValueError, match="needs trajectory=True"):
+        simulate(10, 60, trajectory_shape="branching", **SMALL)
+    with pytest.raises(ValueError, match="trajectory_shape must be one of"):
+        simulate(10, 60, trajectory=True, trajectory_shape="tree", **SMALL)

@@ -12,6 +12,7 @@ from scrnalf_hf import (
     ScrnaLongformerConfig,
     ScrnaLongformerForCellClassification,
     ScrnaLongformerForMaskedGeneModeling,
+    ScrnaLongformerForTrajectory,
     ScrnaLongformerModel,
 )
 from scrnalf_hf.modeling_scrnalf import linear_attention
@@ -375,7 +376,9 @@ def test_inference_in_chunks_of_cells_equals_the_whole_batch(monkeypatch):
             torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
 
 
-MODEL_CLASSES = (ScrnaLongformerModel, ScrnaLongformerForMaskedGeneModeling, ScrnaLongformerForCellClassification)
+MODEL_CLASSES = (
+    ScrnaLongformerModel, ScrnaLongformerForMaskedGeneModeling, ScrnaLongformerForCellClassification, ScrnaLongformerForTrajectory,
+)
 
 
 @pytest.mark.parametrize("model_class", MODEL_CLASSES)
@@ -526,6 +529,7 @@ def test_checkpoints_of_any_head_load_into_any_other_without_unexpected_keys(tmp
             "prediction_norm.weight", "prediction_norm.bias", "prediction_head.weight", "prediction_head.bias",
         },
         ScrnaLongformerForCellClassification: {"classifier.weight", "classifier.bias"},
+        ScrnaLongformerForTrajectory: {"regressor.weight", "regressor.bias"},
     }
     for source_class in MODEL_CLASSES:
         folder = tmp_path / source_class.__name__
@@ -564,6 +568,7 @@ def test_saved_config_maps_every_auto_class_to_its_head(tmp_path, monkeypatch):
         "AutoModel": "modeling_scrnalf.ScrnaLongformerModel",
         "AutoModelForMaskedLM": "modeling_scrnalf.ScrnaLongformerForMaskedGeneModeling",
         "AutoModelForSequenceClassification": "modeling_scrnalf.ScrnaLongformerForCellClassification",
+        "AutoModelForTimeSeriesPrediction": "modeling_scrnalf.ScrnaLongformerForTrajectory",
     }
     for model_class in MODEL_CLASSES:
         model_class(small_config()).save_pretrained(tmp_path / model_class.__name__)

@@ -38,6 +38,7 @@ from scrnalf_hf import (  # noqa: E402
     ScrnaLongformerConfig,
     ScrnaLongformerForCellClassification,
     ScrnaLongformerForMaskedGeneModeling,
+    ScrnaLongformerForTrajectory,
     ScrnaLongformerModel,
 )
 from scrnalf_hf.kernels_scrnalf import C_KNN_ATTENTION, c_kernels_available  # noqa: E402
@@ -113,7 +114,12 @@ class ScrnaLongformerModelTester:
 class ScrnaLongformerCommonTests(ModelTesterMixin):
     """The mixin with our tester; subclasses pick the attention type and kernel implementation."""
 
-    all_model_classes = (ScrnaLongformerModel, ScrnaLongformerForMaskedGeneModeling, ScrnaLongformerForCellClassification)
+    all_model_classes = (
+        ScrnaLongformerModel,
+        ScrnaLongformerForMaskedGeneModeling,
+        ScrnaLongformerForCellClassification,
+        ScrnaLongformerForTrajectory,
+    )
     tester_settings: dict = {}
     # The mixin dates a model by a copyright line in its configuration file (we have none) and
     # skips this check for models before 2023 unless asked: ask.
@@ -143,6 +149,8 @@ class ScrnaLongformerCommonTests(ModelTesterMixin):
                 inputs["labels"] = inputs["expression"].clone()
         elif model_class is ScrnaLongformerForCellClassification and return_labels:
             inputs["labels"] = torch.zeros(self.model_tester.batch_size, dtype=torch.long)
+        elif model_class is ScrnaLongformerForTrajectory and return_labels:
+            inputs["labels"] = torch.linspace(0.0, 1.0, self.model_tester.batch_size)
         return inputs
 
     def export_variants(self, config):
