@@ -90,6 +90,12 @@ def _top_regulator_genes(edges: pd.DataFrame, n_regulators: int, n_targets: int)
 
 
 def run(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="grn-") as work:
+        return measure(args, Path(work))
+
+
+def measure(args, work: Path) -> dict:
+    """Simulate, train both models in ``work``, score every method; writes the outputs."""
     from scrnalf_hf.data.simulation import simulate
     from scrnalf_hf.inference import load_model
     from scrnalf_hf.interpret.attention import attention_edges, write_edges
@@ -103,7 +109,6 @@ def run(args) -> dict:
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="grn-"))
     settings = {**SIMULATION, "seed": args.seed}
     adata = simulate(args.n_cells, args.n_genes, **settings)
     truth = pd.DataFrame({k: np.asarray(v) for k, v in adata.uns["simulation"]["regulatory_edges"].items()})

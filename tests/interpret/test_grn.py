@@ -276,3 +276,20 @@ def test_heatmap_writes_a_self_contained_html_and_a_png(cells, processor, tmp_pa
     with pytest.raises(ValueError, match="groups"):
         grouped = attention_edges(_model(), processor, cells, group_by="cell_type", progress=False)
         attention_heatmap(grouped, ["G0"], tmp_path / "g.html")
+
+
+@pytest.mark.slow
+def test_benchmark_script_prints_the_auprc_of_every_method(tmp_path, capsys):
+    from helpers import load_script
+
+    script = load_script("grn")
+    record = script.run(script.parse_args([
+        "--output-dir", str(tmp_path), "--n-cells", "300", "--n-genes", "100", "--preset", "tiny",
+        "--pretrain-epochs", "1", "--finetune-epochs", "1", "--edge-cells", "100", "--genie3-trees", "5",
+    ]))
+    printed = capsys.readouterr().out
+    for name in ("masked-gene model: attention", "classifier: gradient", "random", "absolute Pearson", "GENIE3"):
+        assert 0.0 <= record["auprc"][name]["within_graph"] <= 1.0
+        assert f"| {name} | {record['auprc'][name]['all_pairs']:.4f} |" in printed
+    for name in ("grn.json", "grn.md", "edges_mgm_attention.tsv", "attention_heatmap.html", "attention_heatmap.png"):
+        assert (tmp_path / name).is_file(), name
