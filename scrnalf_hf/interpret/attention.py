@@ -256,7 +256,8 @@ def gene_attention(
     n_genes, k = gene_neighbors.shape
     n_groups = len(group_names or [None])
     device = next(model.parameters()).device
-    sums = torch.zeros(n_groups, n_genes, k + 1, dtype=torch.float64, device=device)
+    # Summed on the CPU in float64: exact means over many cells, on any accelerator.
+    sums = torch.zeros(n_groups, n_genes, k + 1, dtype=torch.float64)
     cells = np.flatnonzero(codes >= 0)
     starts = range(0, len(cells), batch_size)
     was_training = model.training
@@ -270,16 +271,16 @@ def gene_attention(
             )
             features = {name: tensor.to(device) for name, tensor in features.items()}
             per_cell = _batch_scores(model, features, chosen_layers, method)  # (b, G, k + 1)
-            sums.index_add_(0, torch.as_tensor(codes[rows], device=device), per_cell.double())
+            sums.index_add_(0, torch.as_tensor(codes[rows]), per_cell.cpu().double())
     finally:
         model.train(was_training)
     n_cells = np.bincount(codes[cells], minlength=n_groups)
-    per_average = torch.as_tensor(n_cells, dtype=torch.float64, device=device) * model.config.n_heads * len(chosen_layers)
+    per_average = torch.as_tensor(n_cells, dtype=torch.float64) * model.config.n_heads * len(chosen_layers)
     return GeneAttention(
         genes=list(processor.gene_symbols),
         gene_neighbors=gene_neighbors.cpu().numpy().astype(np.int64),
         groups=group_names,
-        scores=(sums / per_average[:, None, None]).cpu().numpy(),
+        scores=(sums / per_average[:, None, None]).numpy(),
         n_cells=n_cells,
         method=method,
         layers=chosen_layers,
