@@ -24,7 +24,7 @@ Two scores per edge, each a mean over cells, heads and the chosen layers:
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,13 +341,15 @@ def write_edges(edges: pd.DataFrame, path) -> Path:
         raise ValueError(f"edges must have source, target and score columns; missing {missing} of {list(edges.columns)}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    # A name of our own rather than tempfile's: its files are private (0600), this one gets the
+    # permissions of any file the user writes.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with handle:
+        with open(temporary, "w", newline="") as handle:
             edges.to_csv(handle, sep="\t", index=False)
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
 

@@ -22,6 +22,7 @@ only those of a given graph. :func:`attention_heatmap` draws the edges among cho
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -353,7 +354,7 @@ def attention_heatmap(
         ax.set_yticks(range(len(labels)), labels, fontsize=6)
         ax.set_xlabel("target (attending gene)")
         ax.set_ylabel("source (attended-to gene)")
-        ax.set_title(title)
+        ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
         fig.colorbar(image, ax=ax, label="score")
         fig.tight_layout()
         fig.savefig(png_path, dpi=150)
