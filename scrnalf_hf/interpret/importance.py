@@ -112,6 +112,17 @@ def class_id(model: ScrnaLongformerPreTrainedModel, label: str | int) -> int:
     return labels.index(label)
 
 
+@torch.no_grad()
+def predicted_classes(model: ScrnaLongformerPreTrainedModel, inputs: dict[str, torch.Tensor], batch_size: int) -> np.ndarray:
+    """(n_cells,) the classifier's predicted class id of each cell of ``inputs`` (:func:`panel_inputs`)."""
+    model.eval()
+    predicted = [
+        model(**{name: values[cells].to(model.device) for name, values in inputs.items()}).logits.argmax(-1).cpu().numpy()
+        for cells in cell_batches(len(inputs["expression"]), batch_size, False, "")
+    ]
+    return np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
+
+
 def _model_and_processor(model, processor) -> tuple[ScrnaLongformerPreTrainedModel, ScrnaLongformerProcessor]:
     """A model object and its processor from a model, or a saved model's folder / Hub repo id."""
     if isinstance(model, (str, Path)):
@@ -128,9 +139,17 @@ def _model_and_processor(model, processor) -> tuple[ScrnaLongformerPreTrainedMod
 # ---------------------------------------------------------------------------------------------
 
 
-def _baseline_values(baseline: str, expression: torch.Tensor) -> torch.Tensor:
+def _baseline_values(baseline, expression: torch.Tensor) -> torch.Tensor:
     """(1, G) reference input: ``"zeros"`` every gene unexpressed, ``"mean"`` the mean profile
-    of the cells given."""
+    of the cells given, or a given (G,) profile of normalised values."""
+    if not isinstance(baseline, str):
+        profile = torch.as_tensor(np.asarray(baseline, dtype=np.float32)).reshape(1, -1)
+        if profile.shape[1] != expression.shape[1] or bool((profile < 0).any()):
+            raise ValueError(
+                f"a baseline profile must hold {expression.shape[1]} non-negative normalised values (one per panel "
+                f"gene), got shape {tuple(np.shape(baseline))}."
+            )
+        return profile
     if baseline == "zeros":
         return torch.zeros(1, expression.shape[1], dtype=expression.dtype)
     if baseline == "mean":
@@ -145,7 +164,7 @@ def integrated_gradients(
     *,
     target: str | int | None = None,
     n_steps: int = 32,
-    baseline: str = "zeros",
+    baseline: str | np.ndarray = "zeros",
     batch_size: int = 32,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -169,14 +188,19 @@ def integrated_gradients(
         target: the class to explain, a name of ``config.label2id`` or an id; None explains each
             cell's predicted class.
         n_steps: integration points per cell.
-        baseline: ``"zeros"`` (every gene unexpressed) or ``"mean"`` (the mean profile of the
-            cells of ``adata``).
-        batch_size: cells per call to captum (each runs ``n_steps`` forwards and backwards).
+        baseline: ``"zeros"`` (every gene unexpressed), ``"mean"`` (the mean profile of the
+            cells of ``adata``) or a (G,) profile of normalised values in panel order.
+        batch_size: cells per call to captum, and inputs per forward and backward: captum runs
+            the ``batch_size × n_steps`` points of a call in chunks of ``batch_size``, so memory
+            stays that of one training batch.
         layer, use_raw: which matrix of ``adata`` to read (by default the one the model was
             trained on).
         progress: show a progress bar over batches.
         return_convergence_delta: also return captum's convergence delta per cell: the sum of
-            the attributions minus f(x) − f(baseline).
+            the attributions minus f(x) − f(baseline). The value encoding is piecewise linear in
+            the expression (interpolated bins), so the error shrinks like 1 / ``n_steps``;
+            check it, and raise ``n_steps`` where completeness matters.
+        method: captum's integration rule (``"gausslegendre"``, ``"riemann_trapezoid"``, ...).
 
     Returns:
         (n_cells, G) float32 attributions in output units (logit for a classifier), genes in
@@ -224,7 +248,7 @@ def integrated_gradients(
                     targets = target_id
             attribution, delta = integrated.attribute(
                 values, baselines=reference.to(model.device), target=targets, additional_forward_args=extra,
-                n_steps=n_steps, method=method, return_convergence_delta=True,
+                n_steps=n_steps, method=method, internal_batch_size=batch_size, return_convergence_delta=True,
             )
             attributions.append(attribution.detach().float().cpu().numpy())
             deltas.append(delta.detach().float().cpu().numpy())
@@ -361,7 +385,7 @@ def top_genes(
     method: str = "integrated_gradients",
     n: int = 20,
     n_steps: int = 32,
-    baseline: str = "zeros",
+    baseline: str | np.ndarray = "zeros",
     batch_size: int = 32,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -382,7 +406,8 @@ def top_genes(
         label_key: obs column of the cells' labels; None selects cells by the model's prediction.
         method: ``"integrated_gradients"`` or ``"attention_rollout"``.
         n: genes to return.
-        n_steps, baseline: integrated gradients' settings (:func:`integrated_gradients`).
+        n_steps, baseline: integrated gradients' settings (:func:`integrated_gradients`);
+            ``"mean"`` is the mean profile of all cells of ``adata``, not of the class.
         batch_size, layer, use_raw, progress: as for :func:`integrated_gradients`.
 
     Returns:
@@ -402,19 +427,15 @@ def top_genes(
         chosen = (adata.obs[label_key].astype(str) == str(label)).to_numpy()
         where = f"with obs[{label_key!r}] == {label!r}"
     else:
-        inputs = panel_inputs(processor, adata, layer, use_raw)
-        model.eval()
-        with torch.no_grad():
-            predicted = torch.cat([
-                model(**{name: values[cells].to(model.device) for name, values in inputs.items()}).logits.argmax(-1).cpu()
-                for cells in cell_batches(len(inputs["expression"]), 256, False, "")
-            ]) if len(inputs["expression"]) else torch.zeros(0, dtype=torch.long)
-        chosen = (predicted == target).numpy()
+        predicted = predicted_classes(model, panel_inputs(processor, adata, layer, use_raw), batch_size)
+        chosen = predicted == target
         where = f"predicted as {label!r}"
     if not chosen.any():
         raise ValueError(f"no cells {where}; choose another label, or pass label_key= to select cells by their labels.")
     cells = adata[chosen]
     if method == "integrated_gradients":
+        if isinstance(baseline, str) and baseline == "mean":  # all cells' mean, not the class's own
+            baseline = panel_inputs(processor, adata, layer, use_raw)["expression"].mean(0).numpy()
         scores = integrated_gradients(
             model, processor, cells, target=target, n_steps=n_steps, baseline=baseline, batch_size=batch_size,
             layer=layer, use_raw=use_raw, progress=progress,

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..modeling_scrnalf import ScrnaLongformerForMaskedGeneModeling, ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
@@ -63,6 +64,9 @@ class PerturbationResult:
         target: what ``target_shift`` measures, in words; None without a target.
         target_shift: (n_cells,) gain of the target class's probability, or decrease of the
             cosine distance to the target cells' mean embedding; None without a target.
+        settings: how the gene shifts were computed (``n_mask_groups`` of a masked-gene model).
+
+    Cosine distances are float64: a small move gives a distance of order 1e-8.
     """
 
     genes: list[str]
@@ -207,7 +211,7 @@ class _Perturber:
         model.eval()
 
     def batches(self, description: str):
-        return list(enumerate(cell_batches(len(self.inputs["expression"]), self.batch_size, self.progress, description)))
+        return enumerate(cell_batches(len(self.inputs["expression"]), self.batch_size, self.progress, description))
 
     def _batch(self, cells: slice) -> dict[str, torch.Tensor]:
         return {name: values[cells].to(self.model.device) for name, values in self.inputs.items()}
@@ -478,8 +482,6 @@ def rank_perturbations(
         n_mask_groups=None, mask_seed=0,
     )
     target_class, target_embedding, target = _targets(model, perturber, target_label, _target_mask(adata, target_cells, group_by, target_group))
-    from tqdm.auto import tqdm
-
     rows = []
     for position in tqdm(positions, desc="ranking perturbations", unit="gene", disable=not progress):
         symbol = processor.gene_symbols[position]

@@ -195,3 +195,16 @@ def test_top_genes_errors(classifier, processor):
         top_genes(classifier, adata, "beta", processor=processor, method="saliency")
     with pytest.raises(ValueError, match="obs has no column 'louvain'"):
         top_genes(classifier, adata, "beta", processor=processor, label_key="louvain")
+
+
+@pytest.mark.slow
+def test_integrated_gradients_of_a_pbmc_classifier_find_canonical_markers(tmp_path, capsys):
+    """scripts/markers.py end to end (a few minutes): each class's top 20 holds a canonical marker."""
+    from helpers import load_script
+
+    report = load_script("markers").run(tmp_path)
+    found = report["markers_found"]["integrated_gradients"]
+    with capsys.disabled():
+        print(f"\ncanonical markers in the integrated-gradients top 20: {found}")
+    assert all(found.values()), f"a class without a canonical marker in its top 20: {found}; top genes {report['top_genes']}"
+    assert (tmp_path / "markers.png").is_file() and (tmp_path / "markers.md").is_file()
