@@ -138,6 +138,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"known targets; `{settings['preset']}` masked-gene model (gene graph: {settings['graph']}, k = {settings['knn_k']}) "
         f"pretrained for {settings['epochs']:g} epochs"
         + (f" ({report['pretrain_seconds']:.0f} s)" if report["pretrain_seconds"] is not None else "")
+        + (f" (saved checkpoint `{Path(report['pretrained']).name}`)" if report["pretrained"] else "")
         + f"; deletion evaluated on {settings['n_eval_cells']} cells "
         f"({report['perturb_seconds']:.0f} s). Simulated data: mechanics, not biology.",
         "",
