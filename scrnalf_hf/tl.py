@@ -156,7 +156,7 @@ def explain(adata, model: ModelLike, *, processor=None, label_key: str | None = 
     model, processor = resolve_model(model, processor)
     require_task(model, ["classification"], "explain", "fine-tune a classifier first (scrnalf finetune --label-key K).")
     classes = _cell_classes(adata, model, processor, label_key, layer, use_raw, batch_size)
-    known = set(model.config.label2id)
+    known = set(model.config.id2label.values())
     attributions = np.full((adata.n_obs, processor.n_genes), np.nan, dtype=np.float32)
     rows = []
     for name in sorted(set(classes) & known):
@@ -195,6 +195,7 @@ def perturb(adata, model: ModelLike, genes: Sequence[str] | str, *, processor=No
     shifts and, with ``target_label``, the move toward that class
     (:func:`scrnalf_hf.interpret.perturb.perturb`)."""
     from .interpret.perturb import perturb as run_perturbation
+    from .interpret.perturb import select_cells
 
     genes = [genes] if isinstance(genes, str) else list(genes)
     adata = _target(adata, copy)
@@ -204,7 +205,7 @@ def perturb(adata, model: ModelLike, genes: Sequence[str] | str, *, processor=No
         batch_size=batch_size, layer=layer, use_raw=use_raw, progress=progress,
     )
     shift = np.full(adata.n_obs, np.nan, dtype=np.float32)
-    shift[result.cells] = result.embedding_shift
+    shift[select_cells(adata, None, group_by, group)] = result.embedding_shift
     adata.obs[f"{key_added}_shift"] = shift
     record = {"genes": np.asarray(genes, dtype=object), "mode": mode, "gene_shift": result.to_frame()}
     for name, value in (("group_by", group_by), ("group", group), ("target_label", target_label)):

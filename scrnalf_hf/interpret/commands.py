@@ -123,8 +123,9 @@ def grn_file(
     title = f"{method} edges" + ("" if group_by is None else f", {group_by} = {shown['group'].iloc[0]}")
     return _write_all({
         output_path: _tsv(edges),
-        html: lambda path: attention_heatmap(shown, genes, html_path=path, title=title),
-        png: lambda path: attention_heatmap(shown, genes, html_path=None, png_path=path, title=title),
+        # one drawing writes both pictures into the staging folder
+        html: lambda path: attention_heatmap(shown, genes, path, path.with_name(png.name), title=title),
+        png: lambda path: None,
     })
 
 
@@ -188,12 +189,12 @@ def perturb_file(
     model, processor = tl.resolve_model(model)
     result = perturb(model, processor, adata, list(genes), mode=mode, group_by=group_by, group=group,
                      target_label=target_label, batch_size=batch_size, layer=layer, use_raw=use_raw)
-    cells = pd.DataFrame({"cell": adata.obs_names[result.cells], "embedding_shift": result.embedding_shift})
+    cells = pd.DataFrame({"cell": result.cell_names, "embedding_shift": result.embedding_shift})
     if result.target_shift is not None:
         cells["target_shift"] = result.target_shift
     record = {
         "model": str(getattr(model, "name_or_path", "")), "input": str(input_path), "genes": list(genes), "mode": mode,
-        "group_by": group_by, "group": group, "target_label": target_label, "n_cells": int(len(result.cells)),
+        "group_by": group_by, "group": group, "target_label": target_label, "n_cells": int(len(result.cell_names)),
         "mean_embedding_shift": float(np.mean(result.embedding_shift)),
         "mean_target_shift": None if result.target_shift is None else float(np.mean(result.target_shift)),
     }
