@@ -935,6 +935,78 @@ def _api_cases() -> list[Case]:
     ]
 
 
+def with_obs(adata: ad.AnnData, **columns) -> ad.AnnData:
+    for name, values in columns.items():
+        adata.obs[name] = values
+    return adata
+
+
+def _trajectory_cases() -> list[Case]:
+    """``scrnalf finetune --task trajectory`` and ``scrnalf_hf.tl.pseudotime``."""
+    c = "finetune"
+    traj = ("--task", "trajectory", *TRAIN)
+
+    def time_data(**columns):
+        return lambda w, t, mp: ft(h5(t, with_obs(cells_adata(), **columns)), t, *traj, "--time-key", "time", label=False)
+
+    return [
+        Case("finetune-trajectory-time-key-missing", c, "--time-key names no obs column",
+             lambda w, t, mp: ft(w.good, t, *traj, "--time-key", "day", label=False), "day"),
+        Case("finetune-trajectory-no-time-key", c, "--task trajectory without --time-key",
+             lambda w, t, mp: ft(w.good, t, *traj, label=False), "--time-key"),
+        Case("finetune-trajectory-time-key-not-numeric", c, "--time-key column of words",
+             time_data(time=["early", "late"] * 15), "numeric"),
+        Case("finetune-trajectory-time-key-nan", c, "--time-key column with a missing time",
+             time_data(time=[np.nan] + [float(i) for i in range(29)]), "NaN|missing"),
+        Case("api-pseudotime-classifier", "api", "tl.pseudotime with a classifier (no trajectory head)",
+             lambda w, t, mp: api(lambda: __import__("scrnalf_hf").tl.pseudotime(cells_adata(), w.classifier)), "trajectory head"),
+    ]
+
+
+def _interpret_cases() -> list[Case]:
+    """``scrnalf grn`` / ``explain`` / ``perturb`` (on the 60-gene tiny classifier)."""
+
+    def grn(w, t, *extra, model=None, output=None):
+        output = t / "edges.tsv" if output is None else output
+        return cli("grn", "--model", model or w.classifier, "--input", w.good, "--output", output, *extra,
+                   fresh=[output, output.with_suffix(".html"), output.with_suffix(".png")])
+
+    def into(command, w, t, *extra, model=None):
+        return cli(command, "--model", model or w.classifier, "--input", w.good, "--output-dir", t / "out", *extra, fresh=[t / "out"])
+
+    return [
+        Case("grn-missing-input", "grn", "--input does not exist",
+             lambda w, t, mp: cli("grn", "--model", w.classifier, "--input", t / "nope.h5ad", "--output", t / "e.tsv", fresh=[t / "e.tsv"]),
+             "no AnnData file"),
+        Case("grn-unknown-group-key", "grn", "--group-by names no obs column", lambda w, t, mp: grn(w, t, "--group-by", "donor"), "donor"),
+        Case("grn-output-exists", "grn", "--output exists, no --overwrite",
+             lambda w, t, mp: cli("grn", "--model", w.classifier, "--input", w.good, "--output", with_existing(t / "edges.tsv"),
+                                  protect=[t / "edges.tsv"]), "--overwrite"),
+        Case("grn-heatmap-gene-not-in-panel", "grn", "--heatmap-genes outside the panel",
+             lambda w, t, mp: grn(w, t, "--heatmap-genes", "GENE1,CD19"), "CD19"),
+        Case("grn-layer-out-of-range", "grn", "--layers 7 of a 1-layer model", lambda w, t, mp: grn(w, t, "--layers", "7"), "layer"),
+        Case("explain-masked-model", "explain", "--model without a classification head (masked-gene model)",
+             lambda w, t, mp: into("explain", w, t, model=w.masked), "classification head"),
+        Case("explain-label-key-missing", "explain", "--label-key names no obs column",
+             lambda w, t, mp: into("explain", w, t, "--label-key", "donor"), "donor"),
+        Case("explain-unknown-class", "explain", "--labels names a class the model does not know",
+             lambda w, t, mp: into("explain", w, t, "--labels", "delta"), "delta"),
+        Case("explain-n-top-zero", "explain", "--n-top 0", lambda w, t, mp: into("explain", w, t, "--n-top", "0"), "n_top"),
+        Case("perturb-gene-not-in-panel", "perturb", "--genes names a gene outside the panel",
+             lambda w, t, mp: into("perturb", w, t, "--genes", "GENE1,CD19"), "CD19"),
+        Case("perturb-group-without-cells", "perturb", "--group selects no cells",
+             lambda w, t, mp: into("perturb", w, t, "--genes", "GENE1", "--group-by", "cell_type", "--group", "type9"), "no cells"),
+        Case("perturb-group-without-group-by", "perturb", "--group without --group-by",
+             lambda w, t, mp: into("perturb", w, t, "--genes", "GENE1", "--group", "type0"), "--group-by"),
+        Case("perturb-unknown-target-label", "perturb", "--target-label the model does not know",
+             lambda w, t, mp: into("perturb", w, t, "--genes", "GENE1", "--target-label", "delta"), "delta"),
+        Case("perturb-target-label-masked-model", "perturb", "--target-label on a model without a classifier",
+             lambda w, t, mp: into("perturb", w, t, "--genes", "GENE1", "--target-label", "alpha", model=w.masked), "classif"),
+        Case("perturb-rank-without-target", "perturb", "--rank-genes without --target-label",
+             lambda w, t, mp: into("perturb", w, t, "--genes", "GENE1", "--rank-genes", "GENE2,GENE3"), "--target-label"),
+    ]
+
+
 CASES: list[Case] = [
     *_convert_cases(),
     *_finetune_cases(),
@@ -943,6 +1015,8 @@ CASES: list[Case] = [
     *_model_on_anndata_cases("predict"),
     *_model_on_anndata_cases("embed"),
     *_species_cases(),
+    *_trajectory_cases(),
+    *_interpret_cases(),
     *_push_cases(),
     *_benchmark_cases(),
     *_presets_cases(),

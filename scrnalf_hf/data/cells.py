@@ -159,8 +159,9 @@ class Cells:
             if self.label_key:
                 stored = [self.label_key if c == "label" else c for c in stored]
             raise ValueError(
-                f"obs column {key!r} is not in {self.name}; stored columns: {stored}. Convert again with "
-                f"--label-key {key} (or --obs-keys {key}), or train from the .h5ad file directly."
+                f"obs column {key!r} is not in {self.name} (its columns: {stored}); name an obs column of the "
+                f"input, or, for a folder written by scrnalf convert, convert again with --label-key {key} (or "
+                f"--obs-keys {key})."
             )
         values = self.dataset.with_format("numpy")[column]
         feature = self.dataset.features[column]
