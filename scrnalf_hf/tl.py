@@ -133,9 +133,11 @@ def _cell_classes(adata, model, processor, label_key: str | None, layer, use_raw
         if label_key not in adata.obs:
             raise ValueError(f"label key {label_key!r} is not an obs column; choose one of {list(adata.obs.columns)[:20]}.")
         return adata.obs[label_key].astype(str).to_numpy()
-    scratch = adata.copy()
-    _predict(scratch, model, processor, layer=layer, use_raw=use_raw, batch_size=batch_size)
-    return scratch.obs["scrnalf_label"].astype(str).to_numpy()
+    from .interpret.importance import panel_inputs, predicted_classes
+
+    # the logits' argmax alone: no copy of the AnnData, no embeddings or probabilities written
+    predicted = predicted_classes(model, panel_inputs(processor, adata, layer, use_raw), batch_size)
+    return np.array([model.config.id2label[int(i)] for i in predicted], dtype=object)
 
 
 def explain(adata, model: ModelLike, *, processor=None, label_key: str | None = None,
