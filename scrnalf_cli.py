@@ -167,11 +167,17 @@ def _add_compare(subparsers) -> None:
     parser.set_defaults(func=_run_compare, passes_flags_on=True)
 
 
-def _add_data_options(parser) -> None:
+def _add_data_options(parser, tasks: bool = True) -> None:
+    """The cells to learn from; ``tasks``: the command takes any task (else classification only)."""
     parser.add_argument("--train-file", required=True, help=".h5ad file or a `scrnalf convert` folder")
-    parser.add_argument("--task", default="classification", help="the head (classification, ...)")
+    if tasks:
+        parser.add_argument("--task", default="classification", help="the head (classification, trajectory, ...)")
     parser.add_argument("--label-key", default=None, help="obs column with the cell labels (classification)")
-    parser.add_argument("--time-key", default=None, help="numeric obs column with each cell's pseudotime or time (trajectory)")
+    if tasks:
+        parser.add_argument("--time-key", default=None, help="numeric obs column with each cell's pseudotime or time (trajectory)")
+        parser.add_argument("--time-point-key", default=None,
+                            help="numeric obs column with each cell's sampled time, e.g. day of collection: the trajectory "
+                            "model (and ridge) condition on it")
     parser.add_argument("--layer", default=None, help="AnnData layer ('X' for X; default: layers['counts'], .raw, then X)")
     parser.add_argument("--use-raw", action="store_true", help="read .raw.X")
     parser.add_argument("--input-kind", default="auto", choices=["auto", "counts", "log1p"],
@@ -194,11 +200,12 @@ def _run_compare(args) -> None:
     from scrnalf_hf.data.species import with_species_setup
     from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
     from scrnalf_hf.training.compare import compare
-    from scrnalf_hf.training.finetune import read_targets, target_key_of, target_obs_keys
+    from scrnalf_hf.training.finetune import read_targets, target_key_of, target_obs_keys, with_time_points
     from scrnalf_hf.training.tasks import get_task
 
     task = get_task(args.task)
     target_key = target_key_of(task, args)
+    config_overrides = parse_config_overrides(args.config_overrides)
     if args.root_cell is not None and task.target_option != "time_key":
         raise ValueError(f"--root-cell starts a diffusion pseudotime: it applies to --task trajectory, not to {task.summary}.")
     if (args.test_species or args.test_species_key) and not args.test_file:
@@ -207,12 +214,12 @@ def _run_compare(args) -> None:
         raise ValueError("say the species of the --test-file cells too: --test-species NAME or --test-species-key OBS_COLUMN.")
     cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
                        label_key=args.label_key, name=args.dataset_name, species=args.species, species_key=args.species_key,
-                       obs_keys=target_obs_keys(task, target_key))
+                       obs_keys=target_obs_keys(task, target_key, args.time_point_key))
     test_cells = test_targets = None
     if args.test_file:
         test_cells = open_cells(args.test_file, layer=args.layer, use_raw=args.use_raw, input_kind=cells.input_kind,
                                 label_key=args.label_key, species=args.test_species, species_key=args.test_species_key,
-                                obs_keys=target_obs_keys(task, target_key))
+                                obs_keys=target_obs_keys(task, target_key, args.time_point_key))
     model_species = args.model_species
     test_species = None if test_cells is None else test_cells.cell_species()
     if test_species is not None and model_species is None:
@@ -222,15 +229,17 @@ def _run_compare(args) -> None:
     cells = with_species_setup(cells, species=args.species, species_key=args.species_key, model_species=model_species,
                                orthologs=args.orthologs)
     targets = read_targets(task, cells, target_key, args.min_cells_per_label)
+    cells = with_time_points(task, cells, args.time_point_key, config_overrides)
     if test_cells is not None:
         test_targets = read_targets(task, test_cells, target_key)
+        test_cells = with_time_points(task, test_cells, args.time_point_key, config_overrides)
     quiet = [] if args.verbose else ["--log-level", "warning"]
     training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed, flags=[*quiet, *args.extra_args])
     compare(
         task, cells, targets, args.methods, args.output_dir, training_args, n_folds=args.cv, test_cells=test_cells,
         test_targets=test_targets, seed=args.seed,
         class_weighting=None if args.class_weighting == "none" else args.class_weighting,
-        config_overrides=parse_config_overrides(args.config_overrides), n_top_genes=args.n_top_genes,
+        config_overrides=config_overrides, n_top_genes=args.n_top_genes,
         validation_fraction=args.validation_fraction, early_stopping_patience=args.early_stopping_patience,
         only_folds=None if args.folds is None else _ints(args.folds, "--folds"), ensemble=args.ensemble,
         root_cell=args.root_cell,
@@ -249,15 +258,19 @@ def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (and per chunk read)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output that an earlier predict/embed wrote")
     parser.add_argument("--species", default=None, help="species of the cells, for a model of several species (e.g. mouse)")
+    if name == "predict":
+        parser.add_argument("--time-point-key", default=None,
+                            help="numeric obs column with each cell's sampled time, for a trajectory model trained with one")
     parser.set_defaults(func=_run_model_on_anndata)
 
 
 def _run_model_on_anndata(args) -> None:
     from scrnalf_hf.inference import embed_file, predict_file
 
+    settings = {"time_point_key": args.time_point_key} if args.command == "predict" else {}
     run = predict_file if args.command == "predict" else embed_file
     run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size,
-        overwrite=args.overwrite, revision=args.revision, species=args.species)
+        overwrite=args.overwrite, revision=args.revision, species=args.species, **settings)
 
 
 def _add_interpret_input(parser) -> None:
@@ -358,7 +371,7 @@ def _add_transfer(subparsers) -> None:
         subparsers, "transfer",
         "pretrain on unlabelled cells, fine-tune with fractions of the labels: learning curve of pretrained vs scratch vs logreg",
     )
-    _add_data_options(parser)
+    _add_data_options(parser, tasks=False)
     parser.add_argument("--output-dir", required=True, help="where transfer.json, .md, the plot and the models go")
     parser.add_argument("--preset", default="tiny", help="the preset pretrained and trained from scratch")
     parser.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0", help="fractions of the labelled training cells")

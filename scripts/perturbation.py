@@ -48,30 +48,6 @@ def absolute_correlation(expression: np.ndarray, gene: int) -> np.ndarray:
     return np.abs(r)
 
 
-def correlation_graph_model(cells_path: Path, preset: str, folder: Path, seed: int) -> Path:
-    """A fresh masked-gene model whose gene graph links genes by Pearson correlation (the kNN
-    builder on z-scored values) instead of the default cosine of the normalised values, saved
-    with its processor so that ``scrnalf pretrain --model`` trains it."""
-    import torch
-
-    from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerForMaskedGeneModeling
-    from scrnalf_hf.data.cells import open_cells
-    from scrnalf_hf.data.panel import fit_processor
-
-    cells = open_cells(cells_path, progress=False)
-    processor = fit_processor(cells, np.arange(cells.n_cells), seed=seed)
-    import anndata as ad
-
-    expression = processor(ad.read_h5ad(cells_path), return_tensors="np")["expression"]
-    standardised = (expression - expression.mean(0)) / np.where(expression.std(0) > 0, expression.std(0), 1.0)
-    torch.manual_seed(seed)
-    model = ScrnaLongformerForMaskedGeneModeling(ScrnaLongformerConfig.from_preset(preset, n_genes=processor.n_genes))
-    model.base_model.set_gene_graph(processor.build_gene_graph(standardised, model.config.knn_k, seed=seed))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def graph_reach(model, processor, edges: pd.DataFrame) -> dict:
     """Per regulator: how many genes list it among their graph neighbours (``readers``, all that a
     one-layer deletion reaches besides CLS) and how many of those are its targets."""
@@ -183,7 +159,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--graph", choices=("cosine", "correlation"), default="cosine",
-        help="the gene graph: the model's own (cosine of normalised values, built by pretrain) or Pearson correlation",
+        help="the gene graph pretrain builds (the config's gene_graph_metric): cosine of normalised values "
+        "(the default) or |Pearson r|",
     )
     args = parser.parse_args()
 
@@ -203,12 +180,9 @@ def main() -> None:
             model_dir, pretrain_seconds = args.pretrained, None
         else:
             model_dir = work / "model"
-            if args.graph == "correlation":
-                start = ["--model", correlation_graph_model(work / "cells.h5ad", args.preset, work / "fresh", args.seed)]
-            else:
-                start = ["--preset", args.preset]
             pretrain_seconds = _run(
-                "pretrain", "--train-file", work / "cells.h5ad", *start, "--output-dir", model_dir,
+                "pretrain", "--train-file", work / "cells.h5ad", "--preset", args.preset,
+                "--config-overrides", f"gene_graph_metric={args.graph}", "--output-dir", model_dir,
                 "--num_train_epochs", args.epochs, "--seed", args.seed, "--disable_tqdm", "true", "--overwrite",
             )
             print(f"pretrained in {pretrain_seconds:.0f} s", flush=True)

@@ -13,6 +13,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 ATTENTION_TYPES = ("knn", "dense", "linear")
+GENE_GRAPH_METRICS = ("cosine", "correlation")
 POOLING_TYPES = ("cls", "mean")
 VALUE_ENCODINGS = ("multiplicative", "additive")
 KERNEL_IMPLEMENTATIONS = ("compiled", "eager")
@@ -33,6 +34,12 @@ class ScrnaLongformerConfig(PreTrainedConfig):
         hidden_dropout: dropout after attention and feed-forward blocks and before heads.
         attention_dropout: dropout on attention probabilities.
         knn_k: width of the gene-neighbour table (neighbours per gene, the gene itself included).
+        gene_graph_metric: how the gene graph is built from training cells: ``"cosine"`` of two
+            genes' normalised values (genes of similar level and pattern) or ``"correlation"``,
+            the absolute Pearson correlation (genes that co-vary, in either direction: what
+            in-silico perturbation needs, since a deleted gene reaches only the genes that list it
+            as a neighbour). The graph itself is saved with the weights; this records how it was
+            made, and how a fresh model's graph is built.
         attention_type: ``"knn"`` (sparse, O(G·k)), ``"dense"`` (masked SDPA over the same graph,
             the numerical reference) or ``"linear"`` (kernelised global attention, O(G·d²)).
         kernel_implementation: how the ``knn`` kernel runs: ``"compiled"`` fuses it with
@@ -62,6 +69,13 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             reads each cell's sampled time point (``time_points``, e.g. the day of collection on a
             scale of about 0–1), encoded by a small learned module and added to the cell embedding
             before the pseudotime regressor. Other heads ignore it.
+        target_center / target_scale: the trajectory head predicts ``target_center +
+            target_scale × (regressor output)`` and its loss is the squared error in those
+            standardised units; fine-tuning sets them to the training targets' mean and standard
+            deviation, so that any time unit (pseudotime in 0–1, days, hours) trains alike.
+        time_point_center / time_point_scale: time points enter the time encoder as
+            ``(time_points - time_point_center) / time_point_scale``; fine-tuning sets them to
+            the training cells' mean and standard deviation.
         layer_norm_eps: epsilon of every LayerNorm.
         initializer_range: standard deviation of the normal weight initialisation.
     """
@@ -83,6 +97,7 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     hidden_dropout: float | int = 0.1
     attention_dropout: float | int = 0.0
     knn_k: int = 16
+    gene_graph_metric: Literal["cosine", "correlation"] = "cosine"
     attention_type: Literal["knn", "dense", "linear"] = "knn"
     kernel_implementation: Literal["compiled", "eager"] = "compiled"
     pooling: Literal["cls", "mean"] = "mean"
@@ -95,6 +110,10 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     species: list[str] | None = None
     modalities: dict[str, int] | None = None
     time_conditioning: bool = False
+    target_center: float | int = 0.0
+    target_scale: float | int = 1.0
+    time_point_center: float | int = 0.0
+    time_point_scale: float | int = 1.0
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
@@ -108,6 +127,10 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             )
         if not 1 <= self.knn_k:
             raise ValueError(f"knn_k must be >= 1, got {self.knn_k}.")
+        if self.gene_graph_metric not in GENE_GRAPH_METRICS:
+            raise ValueError(
+                f"gene_graph_metric must be one of {GENE_GRAPH_METRICS}, got {self.gene_graph_metric!r}."
+            )
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}.")
         if self.kernel_implementation not in KERNEL_IMPLEMENTATIONS:
@@ -124,6 +147,9 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+        for name in ("target_scale", "time_point_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (a standard deviation), got {getattr(self, name)}.")
         if self.species is not None and (not self.species or len(set(self.species)) != len(self.species)):
             raise ValueError(f"species must list distinct species names, got {self.species}.")
         if self.class_weights is not None and self.id2label is not None:

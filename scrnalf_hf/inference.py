@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from .configuration_scrnalf import ScrnaLongformerConfig
+from .data.cells import numeric_column
 from .modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedModel
 from .processing_scrnalf import GeneAlignment, ScrnaLongformerProcessor
 from .staging import remove_dead_staging, staging_path
@@ -109,6 +110,25 @@ def _overlap(
     }
 
 
+def _time_points(model: ScrnaLongformerPreTrainedModel, obs: pd.DataFrame, key: str | None) -> np.ndarray | None:
+    """(n_cells,) float32 sampled time of each cell (``obs[key]``) for a model that conditions on
+    it, None for any other; a key given to the wrong model, or missing for the right one, is
+    refused before anything is written."""
+    conditioned = getattr(model, "time_encoder", None) is not None
+    if conditioned and key is None:
+        raise ValueError(
+            "this trajectory model conditions on each cell's sampled time: give --time-point-key, the numeric obs "
+            "column it was trained with."
+        )
+    if key is None:
+        return None
+    if not conditioned:
+        raise ValueError("--time-point-key is read only by a trajectory model trained with one (--time-point-key on finetune); this model ignores time points.")
+    if key not in obs.columns:
+        raise ValueError(f"--time-point-key {key!r} is not an obs column of the input; obs columns: {list(obs.columns)[:20]}.")
+    return numeric_column(obs[key].to_numpy(), key, "--time-point-key", "time point", "the sampled time of each cell")
+
+
 @torch.no_grad()
 def _annotated_chunks(
     model: ScrnaLongformerPreTrainedModel,
@@ -122,15 +142,19 @@ def _annotated_chunks(
     overlap_report: str,
     species: str | None,
     alignment: GeneAlignment,
+    time_points: np.ndarray | None = None,
 ) -> Iterator[tuple[int, ad.AnnData]]:
     """For each ``(first row, cells × genes matrix)`` chunk, an AnnData of those cells (no X)
-    holding what the run writes: the task's predictions (``task`` None: none) and the embeddings."""
+    holding what the run writes: the task's predictions (``task`` None: none) and the embeddings.
+    ``time_points``: (n_cells,) of a time-conditioned trajectory model."""
     model.eval()
     for first, matrix in chunks:
         features = processor(
             matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where, species=species,
             alignment=alignment,
         )
+        if time_points is not None:
+            features["time_points"] = torch.from_numpy(time_points[first : first + matrix.shape[0]])
         output = model(**features)
         cells = ad.AnnData(obs=obs.iloc[first : first + matrix.shape[0]].copy())
         if task is not None:
@@ -157,17 +181,20 @@ def _run_record(model, overlap: dict) -> dict:
     }
 
 
-def _annotate(adata, model, processor, task, layer, use_raw, batch_size: int, species: str | None = None) -> None:
+def _annotate(
+    adata, model, processor, task, layer, use_raw, batch_size: int, species: str | None = None, time_point_key: str | None = None
+) -> None:
     """Run ``model`` over an in-memory AnnData and write what it produces into it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}.")
+    time_points = _time_points(model, adata.obs, time_point_key) if task is not None else None
     matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
     alignment, overlap = _overlap(processor, names, ids, where, species)
     chunks = ((first, matrix[first : first + batch_size]) for first in range(0, adata.n_obs, batch_size))
     parts = [
         cells
         for _, cells in _annotated_chunks(
-            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species, alignment
+            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species, alignment, time_points
         )
     ]
     if parts:
@@ -195,16 +222,18 @@ def embed(
 def predict(
     adata, model: ScrnaLongformerPreTrainedModel, processor: ScrnaLongformerProcessor,
     *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256, species: str | None = None,
+    time_point_key: str | None = None,
 ) -> None:
     """Write the model's predictions into ``adata`` as its task declares (module docstring), the
     cell embeddings into ``obsm["X_scrnalf"]`` and the run into ``uns["scrnalf"]``.
-    ``species``: the cells' species, for a model of several species.
+    ``species``: the cells' species, for a model of several species; ``time_point_key``: the
+    numeric ``obs`` column of each cell's sampled time, for a time-conditioned trajectory model.
 
     Raises:
         ValueError: the model has no prediction head (a pretrained masked-gene model or the bare
             encoder): it embeds cells, or is fine-tuned first.
     """
-    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species)
+    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species, time_point_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +303,7 @@ class _FileWriter:
 def _process_file(
     model_name_or_path: str, input_path, output_path, head: bool, *, layer: str | None = None,
     use_raw: bool | None = None, batch_size: int = 256, overwrite: bool = False, revision: str | None = None,
-    species: str | None = None,
+    species: str | None = None, time_point_key: str | None = None,
 ) -> None:
     import h5py
 
@@ -300,6 +329,7 @@ def _process_file(
                     f"{input_path} has {source.n_cells} cells × {source.n_genes} genes in {where}: nothing to "
                     f"{'predict' if head else 'embed'}. Check the filters that made it."
                 )
+            time_points = _time_points(model, source.obs, time_point_key) if head else None
             alignment, overlap = _overlap(processor, source.gene_symbols, source.gene_ids, where, species)
             try:
                 shutil.copyfile(input_path, staging)
@@ -311,7 +341,7 @@ def _process_file(
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
                     model, processor, task, source.row_chunks(batch_size), source.obs, source.gene_symbols,
-                    source.gene_ids, where, overlap.pop("report"), species, alignment,
+                    source.gene_ids, where, overlap.pop("report"), species, alignment, time_points,
                 )
                 for first, cells in chunks:
                     writer.add(first, cells)

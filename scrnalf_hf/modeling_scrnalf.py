@@ -1125,21 +1125,25 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
 class ScrnaLongformerTimeEncoder(nn.Module):
     """A sampled time point (batch,) -> a (batch, d_model) vector added to the cell embedding: a
     two-layer perceptron, so that the model can learn how collection time shifts pseudotime
-    (the roadmap's temporal model). Time points should be on a scale of about 0–1 (e.g. days
-    divided by the last day)."""
+    (the roadmap's temporal model). Time points are standardised first with the config's
+    ``time_point_center`` / ``time_point_scale``, so any unit works."""
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__()
+        self.center = float(config.time_point_center)
+        self.scale = float(config.time_point_scale)
         self.input = nn.Linear(1, config.d_model)
         self.output = nn.Linear(config.d_model, config.d_model)
 
     def forward(self, time_points: torch.Tensor) -> torch.Tensor:
-        return self.output(F.gelu(self.input(time_points.unsqueeze(-1))))  # (b, d)
+        standardised = (time_points - self.center) / self.scale
+        return self.output(F.gelu(self.input(standardised.unsqueeze(-1))))  # (b, d)
 
 
 class ScrnaLongformerForTrajectory(ScrnaLongformerPreTrainedModel):
     """Pseudotime (or time) regression: one value per cell, regressed from the cell embedding
-    with a linear head and a mean-squared-error loss.
+    with a linear head and a mean-squared-error loss, both in units standardised by the config's
+    ``target_center`` / ``target_scale`` (predictions come back in the targets' own units).
 
     With ``config.time_conditioning`` the model also reads each cell's sampled time point (the
     collection time of its sample, ``time_points``), encoded by ``ScrnaLongformerTimeEncoder``
@@ -1198,8 +1202,12 @@ class ScrnaLongformerForTrajectory(ScrnaLongformerPreTrainedModel):
         cell_state = outputs.cell_embedding  # (b, d)
         if self.time_encoder is not None:
             cell_state = cell_state + self.time_encoder(time_points.to(cell_state.dtype))
-        logits = self.regressor(self.dropout(cell_state)).squeeze(-1)  # (b,)
-        loss = None if labels is None else F.mse_loss(logits, labels.to(logits.dtype).view(-1))
+        standardised = self.regressor(self.dropout(cell_state)).squeeze(-1)  # (b,)
+        center, scale = float(self.config.target_center), float(self.config.target_scale)
+        logits = center + scale * standardised
+        loss = None
+        if labels is not None:
+            loss = F.mse_loss(standardised, (labels.to(standardised.dtype).view(-1) - center) / scale)
         output = TrajectoryOutput(
             loss=loss,
             logits=logits,

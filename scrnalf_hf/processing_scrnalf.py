@@ -711,18 +711,23 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         max_cells: int = 5000,
         block_size: int = 1024,
         seed: int = 0,
+        metric: str = "cosine",
     ) -> np.ndarray:
         """The gene–gene kNN graph from **training cells only**.
 
-        Similarity is the cosine of two genes' normalised expression across cells. Each gene
-        keeps itself and its most similar genes; the graph is then symmetrised (an edge in either
-        direction counts for both genes) and each row keeps its ``k`` most similar neighbours.
-        Genes never expressed in these cells have only themselves.
+        Similarity of two genes across cells is the cosine of their normalised expression
+        (``metric="cosine"``) or the absolute Pearson correlation (``"correlation"``: centred
+        cosine, so that co-varying genes are neighbours whatever their mean level, and
+        anti-correlated ones too). Each gene keeps itself and its most similar genes; the graph is
+        then symmetrised (an edge in either direction counts for both genes) and each row keeps
+        its ``k`` most similar neighbours. Genes never expressed in these cells (or, for
+        correlation, constant across them) have only themselves.
 
         Args:
             expression: (n_cells, G) normalised panel values (the processor's ``expression``).
             k: neighbours per gene, itself included (the model's ``knn_k``).
             max_cells: cells sampled (seeded) to bound the cost.
+            metric: ``"cosine"`` or ``"correlation"`` (the config's ``gene_graph_metric``).
 
         Returns:
             (G, k) int64 neighbour table, ``-1`` = padding.
@@ -732,10 +737,14 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             raise ValueError(f"expression must have shape (n_cells, {self.n_genes}), got {values.shape}.")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
+        if metric not in ("cosine", "correlation"):
+            raise ValueError(f"metric must be 'cosine' or 'correlation', got {metric!r}.")
         if values.shape[0] > max_cells:
             rows = np.random.default_rng(seed).choice(values.shape[0], size=max_cells, replace=False)
             values = values[np.sort(rows)]
         values = values.astype(np.float32)
+        if metric == "correlation":
+            values = values - values.mean(axis=0)
         norms = np.linalg.norm(values, axis=0)  # (G,)
         expressed = norms > 0
         unit = values / np.where(expressed, norms, 1.0)
@@ -746,6 +755,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         for start in range(0, n_genes, block_size):
             stop = min(start + block_size, n_genes)
             block = unit[:, start:stop].T @ unit  # (block, G) cosine similarities
+            if metric == "correlation":
+                block = np.abs(block)
             block[:, ~expressed] = -np.inf
             block[~expressed[start:stop]] = -np.inf
             block[np.arange(stop - start), np.arange(start, stop)] = np.inf  # self always first

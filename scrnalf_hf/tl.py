@@ -76,12 +76,14 @@ def embed(adata, model: ModelLike, *, processor=None, species: str | None = None
 
 
 def predict(adata, model: ModelLike, *, processor=None, species: str | None = None, layer: str | None = None,
-            use_raw: bool | None = None, batch_size: int = 256, copy: bool = False):
+            use_raw: bool | None = None, batch_size: int = 256, time_point_key: str | None = None, copy: bool = False):
     """The model's predictions as its task writes them (cell types, pseudotime, ...) and the
-    embeddings. A model without a predicting head (a pretrained encoder) is refused."""
+    embeddings. A model without a predicting head (a pretrained encoder) is refused.
+    ``time_point_key``: the ``obs`` column of each cell's sampled time (a time-conditioned trajectory model)."""
     adata = _target(adata, copy)
     model, processor = resolve_model(model, processor)
-    _predict(adata, model, processor, layer=layer, use_raw=use_raw, batch_size=batch_size, species=species)
+    _predict(adata, model, processor, layer=layer, use_raw=use_raw, batch_size=batch_size, species=species,
+             time_point_key=time_point_key)
     return adata if copy else None
 
 
@@ -96,12 +98,14 @@ def require_task(model: ScrnaLongformerPreTrainedModel, names: Sequence[str], wh
 
 
 def pseudotime(adata, model: ModelLike, *, processor=None, species: str | None = None, layer: str | None = None,
-               use_raw: bool | None = None, batch_size: int = 256, copy: bool = False):
-    """Each cell's predicted pseudotime into ``obs["scrnalf_pseudotime"]`` (a trajectory model)."""
+               use_raw: bool | None = None, batch_size: int = 256, time_point_key: str | None = None, copy: bool = False):
+    """Each cell's predicted pseudotime into ``obs["scrnalf_pseudotime"]`` (a trajectory model;
+    one trained with ``--time-point-key`` also reads ``obs[time_point_key]``, each cell's sampled time)."""
     adata = _target(adata, copy)
     model, processor = resolve_model(model, processor)
     require_task(model, ["trajectory"], "pseudotime", "fine-tune one with `scrnalf finetune --task trajectory --time-key K`.")
-    _predict(adata, model, processor, layer=layer, use_raw=use_raw, batch_size=batch_size, species=species)
+    _predict(adata, model, processor, layer=layer, use_raw=use_raw, batch_size=batch_size, species=species,
+             time_point_key=time_point_key)
     return adata if copy else None
 
 

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INPUT_KINDS = ("auto", "counts", "log1p")
+# Each cell's sampled (collection) time, read by a time-conditioned trajectory model.
+TIME_POINT_COLUMN = "time_points"
 # Columns a batch needs besides the task's targets.
 CELL_COLUMNS = ("cell_id", "indices", "values", "library_size")
 TARGET_COLUMN = "labels"
@@ -70,9 +72,9 @@ class Cells:
         return self.genes.input_kind
 
     def with_targets(self, targets: np.ndarray | None) -> datasets.Dataset:
-        """The rows a collator needs (:data:`CELL_COLUMNS`, and ``species`` where the cells have
-        it), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
-        columns = list(CELL_COLUMNS) + (["species"] if "species" in self.dataset.column_names else [])
+        """The rows a collator needs (:data:`CELL_COLUMNS`, and ``species`` and ``time_points``
+        where the cells have them), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
+        columns = list(CELL_COLUMNS) + [c for c in ("species", TIME_POINT_COLUMN) if c in self.dataset.column_names]
         dataset = self.dataset.select_columns(columns)
         if targets is not None:
             if len(targets) != self.n_cells:
@@ -150,6 +152,24 @@ class Cells:
         dataset = dataset.add_column("species", [str(v) for v in values])
         return dataclasses.replace(self, dataset=dataset)
 
+    def with_time_points(self, key: str) -> "Cells":
+        """These cells with each cell's sampled time point (the numeric ``obs`` column ``key``,
+        e.g. the day of collection) as the ``time_points`` column that a time-conditioned
+        trajectory model reads."""
+        values = numeric_column(self.obs_column(key), key, "--time-point-key", "time point", "the sampled time of each cell")
+        dataset = self.dataset.remove_columns([c for c in (TIME_POINT_COLUMN,) if c in self.dataset.column_names])
+        return dataclasses.replace(self, dataset=dataset.add_column(TIME_POINT_COLUMN, values))
+
+    @property
+    def has_time_points(self) -> bool:
+        return TIME_POINT_COLUMN in self.dataset.column_names
+
+    def time_points(self, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows),) float32 time points of ``rows``, or None when the cells carry none."""
+        if not self.has_time_points:
+            return None
+        return np.asarray(self.dataset.with_format("numpy")[TIME_POINT_COLUMN], dtype=np.float32)[np.asarray(rows)]
+
     def obs_column(self, key: str) -> np.ndarray:
         """(n_cells,) values of a stored ``obs`` column, by its ``obs`` name (``label`` answers to
         the label key it was converted from)."""
@@ -168,6 +188,26 @@ class Cells:
         if isinstance(feature, datasets.ClassLabel):
             return np.asarray(feature.names, dtype=object)[values]
         return np.asarray(values)
+
+
+def numeric_column(values: np.ndarray, key: str, option: str, name: str, meaning: str) -> np.ndarray:
+    """(n,) float32 ``values`` of the obs column ``key``, refused in one line unless every one
+    is a finite number. ``option`` is the flag that named the column, ``name`` what one value is
+    (``"time"``), ``meaning`` what the column should hold."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(
+            f"{name} column {key!r} must hold numbers ({meaning}), found {values.dtype} values "
+            f"such as {values[:3].tolist()}; give a numeric obs column as {option}."
+        )
+    values = values.astype(np.float64)
+    missing = ~np.isfinite(values)
+    if missing.any():
+        raise ValueError(
+            f"{name} column {key!r} has {int(missing.sum())} cell(s) without a finite {name} (NaN or inf); drop them "
+            f"first (adata = adata[np.isfinite(adata.obs[{key!r}])])."
+        )
+    return values.astype(np.float32)
 
 
 def guess_input_kind(values: np.ndarray) -> str:

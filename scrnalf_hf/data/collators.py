@@ -93,7 +93,8 @@ class CellCollator:
         measured by the dataset; unmeasured genes are 0 in ``expression``); ``labels`` as
         stored (int64 class ids, float32 values) when the rows carry them; with ``masking``,
         ``masked_positions`` (batch, G) bool and ``labels`` (batch, G) float32; for a
-        multi-species model ``species`` (batch,) int64.
+        multi-species model ``species`` (batch,) int64; for rows with a ``time_points`` column
+        (a time-conditioned trajectory model) ``time_points`` (batch,) float32.
     """
 
     def __init__(
@@ -186,6 +187,8 @@ class CellCollator:
         }
         if self.processor.species is not None:
             batch["species"] = torch.from_numpy(species)
+        if "time_points" in features[0]:
+            batch["time_points"] = torch.from_numpy(np.array([f["time_points"] for f in features], dtype=np.float32))
         if "labels" in features[0]:
             labels = np.stack([np.asarray(f["labels"]) for f in features])
             batch["labels"] = torch.from_numpy(labels.astype(np.int64 if labels.dtype.kind in "iub" else np.float32))

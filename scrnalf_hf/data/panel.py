@@ -102,17 +102,24 @@ def _identity_alignment(processor: ScrnaLongformerProcessor):
 
 
 def gene_graph(
-    processor: ScrnaLongformerProcessor, cells: Cells, train_rows: np.ndarray, k: int, max_cells: int = 5000, seed: int = 0
+    processor: ScrnaLongformerProcessor,
+    cells: Cells,
+    train_rows: np.ndarray,
+    k: int,
+    max_cells: int = 5000,
+    seed: int = 0,
+    metric: str = "cosine",
 ) -> np.ndarray:
     """The model's (G, k) gene kNN graph from at most ``max_cells`` training cells (seeded sample),
-    normalised by ``processor`` exactly as the model will see them (``processor.build_gene_graph``)."""
+    normalised by ``processor`` exactly as the model will see them (``processor.build_gene_graph``
+    with ``metric``: ``"cosine"`` or ``"correlation"``)."""
     rows = np.asarray(train_rows)
     if len(rows) == 0:
         raise ValueError("there are no training cells to build the gene graph from.")
     if len(rows) > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
     expression = panel_matrix(cells, rows, processor).toarray()  # (≤ max_cells, G)
-    return processor.build_gene_graph(expression, k, max_cells=max_cells, seed=seed)
+    return processor.build_gene_graph(expression, k, max_cells=max_cells, seed=seed, metric=metric)
 
 
 __all__ = ["fit_processor", "gene_graph", "highly_variable_genes"]

@@ -25,6 +25,7 @@ they move cells toward the target state; :func:`plot_perturbation` draws one res
 from __future__ import annotations
 
 from collections.abc import Sequence
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from tqdm.auto import tqdm
 from ..modeling_scrnalf import ScrnaLongformerForMaskedGeneModeling, ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
 from .importance import cell_batches, class_id, is_classifier, panel_inputs
+
+logger = logging.getLogger(__name__)
 
 MODES = ("delete", "overexpress")
 PREDICTED_EXPRESSION = "predicted_expression"
@@ -410,6 +413,7 @@ def perturb(
     _check_mode(mode)
     positions = gene_indices(processor, genes)
     symbols = [processor.gene_symbols[p] for p in positions]
+    _warn_unread(model, positions, symbols)
     chosen = select_cells(adata, cells, group_by, group)
     perturber = _Perturber(
         model, processor, adata, chosen, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=progress,
@@ -418,6 +422,30 @@ def perturb(
     target_class, target_embedding, target = _targets(model, perturber, target_label, _target_mask(adata, target_cells, group_by, target_group))
     return _perturb_one(perturber, positions, symbols, mode, overexpress_quantile, overexpress_value, gene_shifts,
                         target_class, target_embedding, target)
+
+
+def graph_readers(model: ScrnaLongformerPreTrainedModel, positions: Sequence[int]) -> np.ndarray:
+    """(len(positions),) how many other genes list each gene among their gene-graph neighbours:
+    besides the global CLS token, the only genes a change of it reaches in one layer."""
+    table = model.base_model.gene_neighbors.cpu().numpy()  # (G, k), -1 = padding
+    listed = np.zeros(len(table), dtype=np.int64)
+    rows, _ = np.nonzero(table >= 0)
+    np.add.at(listed, table[table >= 0], 1)
+    listed -= np.bincount(rows[table[table >= 0] == rows], minlength=len(table))  # a gene is its own neighbour
+    return listed[np.asarray(positions)]
+
+
+def _warn_unread(model: ScrnaLongformerPreTrainedModel, positions: Sequence[int], symbols: Sequence[str]) -> None:
+    unread = [symbol for symbol, readers in zip(symbols, graph_readers(model, positions), strict=True) if readers == 0]
+    if unread:
+        metric = getattr(model.config, "gene_graph_metric", "cosine")
+        logger.warning(
+            "%s: no other gene lists %s among its gene-graph neighbours (the graph links genes by %s), so a "
+            "perturbation reaches other genes only through the global CLS token%s",
+            ", ".join(unread), "it" if len(unread) == 1 else "them", metric,
+            "; a model built with --config-overrides gene_graph_metric=correlation links co-varying genes"
+            if metric == "cosine" else ".",
+        )
 
 
 def _perturb_one(perturber: _Perturber, positions, symbols, mode, quantile, value, gene_shifts, target_class,

@@ -31,6 +31,13 @@ class DataArguments:
         default=None,
         metadata={"help": "numeric obs column with each cell's pseudotime or time (--task trajectory)."},
     )
+    time_point_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "numeric obs column with each cell's sampled time, e.g. day of collection: the trajectory model "
+            "conditions on it (--task trajectory).",
+        },
+    )
     layer: str | None = field(default=None, metadata={"help": "AnnData layer to read ('X' for X; default: counts layer, .raw, X)."})
     use_raw: bool = field(default=False, metadata={"help": "read .raw.X."})
     input_kind: str = field(
@@ -241,7 +248,7 @@ def check_training_arguments(training_args: TrainingArguments) -> TrainingArgume
 
 
 # Options that do not apply to a command (its help leaves them out).
-NOT_FOR = {"pretrain": {"label_key", "time_key", "min_cells_per_label", "class_weighting", "freeze_encoder", "n_top_genes"}}
+NOT_FOR = {"pretrain": {"label_key", "time_key", "time_point_key", "min_cells_per_label", "class_weighting", "freeze_encoder", "n_top_genes"}}
 
 
 def command_help(command: str) -> str:

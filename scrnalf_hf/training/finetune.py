@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
@@ -77,10 +78,29 @@ def target_key_of(task: Task, arguments) -> str | None:
     return None if task.target_option is None else getattr(arguments, task.target_option, None)
 
 
-def target_obs_keys(task: Task, key: str | None) -> tuple[str, ...]:
+def target_obs_keys(task: Task, key: str | None, time_point_key: str | None = None) -> tuple[str, ...]:
     """``obs`` columns an ``.h5ad`` input's conversion must keep for the task's targets besides
-    the label (classification stores its label column as ``label``)."""
-    return () if key is None or task.target_option == "label_key" else (key,)
+    the label (classification stores its label column as ``label``), and the time points."""
+    keys = () if key is None or task.target_option == "label_key" else (key,)
+    return keys + (() if time_point_key is None else (time_point_key,))
+
+
+def with_time_points(task: Task, cells: Cells, key: str | None, config_overrides: dict) -> Cells:
+    """``--time-point-key``: ``cells`` carrying each cell's sampled time point, and
+    ``config_overrides`` (changed in place) asking for a time-conditioned model whose time
+    encoder standardises time points by the mean and standard deviation of these cells' (an
+    input scale, like a gene's; the first cells given, the training file's, set it)."""
+    if key is None:
+        return cells
+    if task.target_option != "time_key":
+        raise ValueError(f"--time-point-key conditions a trajectory model on sampled times; it does not apply to {task.summary}.")
+    cells = cells.with_time_points(key)
+    if "time_point_center" not in config_overrides:  # the training cells' scale, kept for their test cells
+        time_points = cells.time_points(np.arange(cells.n_cells)).astype(np.float64)
+        config_overrides["time_point_center"] = float(time_points.mean())
+        config_overrides["time_point_scale"] = float(time_points.std()) or 1.0
+    config_overrides["time_conditioning"] = True
+    return cells
 
 
 def read_targets(task: Task, cells: Cells, key: str | None, min_cells_per_label: int | None = None) -> Targets:
@@ -118,7 +138,8 @@ def build_model(
     """
     if (preset is None) == (model_name_or_path is None):
         raise ValueError("give exactly one of --preset (a fresh model) or --model (a saved one).")
-    fields = {**targets.config, **(config_overrides or {})}
+    learnt = task.fit_config(targets.values[train_rows]) if task.fit_config else {}
+    fields = {**targets.config, **learnt, **(config_overrides or {})}
     if class_weights is not None:
         fields["class_weights"] = class_weights
     if processor.species is not None:
@@ -126,7 +147,9 @@ def build_model(
     if preset is not None:
         config = ScrnaLongformerConfig.from_preset(preset, n_genes=processor.n_genes, **fields)
         model = task.model_class(config)
-        model.base_model.set_gene_graph(gene_graph(processor, cells, train_rows, k=config.knn_k))
+        model.base_model.set_gene_graph(
+            gene_graph(processor, cells, train_rows, k=config.knn_k, metric=config.gene_graph_metric)
+        )
         return model
     return task.model_class.from_pretrained(model_name_or_path, ignore_mismatched_sizes=True, **fields)
 
@@ -376,11 +399,26 @@ class _PanelRows:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.rows), self.processor.n_genes if self.columns is None else len(self.columns)
+        n_genes = self.processor.n_genes if self.columns is None else len(self.columns)
+        return len(self.rows), n_genes + self.cells.has_time_points
 
     def __getitem__(self, part: slice):
-        matrix = panel_matrix(self.cells, self.rows[part], self.processor)
-        return matrix if self.columns is None else matrix[:, self.columns]
+        return baseline_features(self.cells, self.rows[part], self.processor, self.columns)
+
+
+def baseline_features(
+    cells: Cells, rows: np.ndarray, processor: ScrnaLongformerProcessor, columns: np.ndarray | None = None
+) -> sp.csr_matrix:
+    """(len(rows), n_features) what the baselines read of ``rows``: the processor's panel values
+    (the ``columns`` of them where given) and, for cells with time points, each cell's time point
+    as one more column — a time-conditioned model reads it, so its baselines do too."""
+    matrix = panel_matrix(cells, rows, processor)
+    if columns is not None:
+        matrix = matrix[:, columns]
+    time_points = cells.time_points(rows)
+    if time_points is not None:
+        matrix = sp.hstack([matrix, sp.csr_matrix(time_points[:, None])], format="csr")
+    return matrix
 
 
 def baseline_columns(processor: ScrnaLongformerProcessor) -> np.ndarray | None:
@@ -423,10 +461,9 @@ def fit_baselines(
         logger.info("baselines fitted on a stratified sample of %d of the %d training cells", len(train_rows), len(train.rows))
         train = CellPart(train.cells, train.targets, train_rows)
     columns = baseline_columns(processor)
-    train_features = panel_matrix(train.cells, train.rows, processor)
     if columns is not None:
         logger.info("baselines read the %d one-to-one ortholog tokens of the %d-token panel", len(columns), processor.n_genes)
-        train_features = train_features[:, columns]
+    train_features = baseline_features(train.cells, train.rows, processor, columns)
     test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor, columns)
     rows, predictions = [], {}
     for name in names:
@@ -650,7 +687,8 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     cells = open_cells(
         data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
         label_key=data_args.label_key, name=data_args.dataset_name,
-        species=data_args.species, species_key=data_args.species_key, obs_keys=target_obs_keys(task, target_key),
+        species=data_args.species, species_key=data_args.species_key,
+        obs_keys=target_obs_keys(task, target_key, data_args.time_point_key),
     )
     if model_args.model_name_or_path is None:
         cells = with_species_setup(
@@ -660,6 +698,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     elif data_args.model_species is not None:
         raise ValueError("--model-species chooses the species of a fresh model; a saved model (--model) keeps its own.")
     targets = read_targets(task, cells, target_key, data_args.min_cells_per_label)
+    cells = with_time_points(task, cells, data_args.time_point_key, overrides)
     usable = np.flatnonzero(targets.usable)
     seed = training_args.seed
     if data_args.test_fraction > 0:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import softmax
 
+from ..data.cells import numeric_column
 from ..modeling_scrnalf import (
     ScrnaLongformerForCellClassification,
     ScrnaLongformerForMaskedGeneModeling,
@@ -99,6 +100,8 @@ class Task:
         pipeline: ``(pipeline task name, Pipeline class)`` saved with the weights, or None.
         recipe: the Trainer flags this task trains with unless the command line says otherwise.
         embedding_lr_multiplier: the token embeddings' learning rate as a multiple of the rest.
+        fit_config: training cells' target values -> config fields learnt from them (e.g. the
+            scale of regression targets), or None.
     """
 
     name: str
@@ -126,6 +129,7 @@ class Task:
     pipeline: tuple[str, type] | None = None
     recipe: tuple[str, ...] = ()
     embedding_lr_multiplier: float = 1.0
+    fit_config: Callable[[np.ndarray], dict] | None = None
 
     @property
     def predicts(self) -> bool:
@@ -390,20 +394,15 @@ def _time_targets(cells, key: str, min_cells_per_label: int | None = None) -> Ta
     """Each cell's time (pseudotime, or e.g. days) from the numeric ``obs[key]``, float32."""
     if min_cells_per_label is not None:
         raise ValueError("--min-cells-per-label drops rare classes of a classification; the trajectory task has none, drop it.")
-    values = cells.obs_column(key)
-    if values.dtype.kind not in "iuf":
-        raise ValueError(
-            f"time column {key!r} must hold numbers (a pseudotime or time per cell), found {values.dtype} values "
-            f"such as {values[:3].tolist()}; give a numeric obs column as --time-key."
-        )
-    values = values.astype(np.float64)
-    missing = ~np.isfinite(values)
-    if missing.any():
-        raise ValueError(
-            f"time column {key!r} has {int(missing.sum())} cell(s) without a finite time (NaN or inf); drop them first "
-            f"(adata = adata[np.isfinite(adata.obs[{key!r}])])."
-        )
-    return Targets(values=values.astype(np.float32), usable=np.ones(len(values), dtype=bool), key=key)
+    values = numeric_column(cells.obs_column(key), key, "--time-key", "time", "a pseudotime or time per cell")
+    return Targets(values=values, usable=np.ones(len(values), dtype=bool), key=key)
+
+
+def _time_scale(values: np.ndarray) -> dict:
+    """The training times' mean and standard deviation: the trajectory head's units."""
+    values = np.asarray(values, dtype=np.float64)
+    scale = float(values.std()) if len(values) else 0.0
+    return {"target_center": float(values.mean()) if len(values) else 0.0, "target_scale": scale if scale > 0 else 1.0}
 
 
 def _time_scores(targets: np.ndarray, point: np.ndarray, task_targets: Targets, detailed: bool = False) -> dict:
@@ -438,6 +437,7 @@ TRAJECTORY = Task(
     summary="pseudotime regression",
     target_option="time_key",
     read_targets=_time_targets,
+    fit_config=_time_scale,
     align_targets=None,
     masks_genes=False,
     metric_names=("spearman", "mae"),

@@ -150,3 +150,22 @@ def test_plot_perturbation_writes_a_png(processor, tmp_path):
     result = perturb(build(ScrnaLongformerForMaskedGeneModeling), processor, cells(), ["G4"], progress=False)
     path = plot_perturbation(result, tmp_path / "perturbation.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_graph_readers_count_the_other_genes_that_list_a_gene_and_unread_genes_are_warned_about(processor, caplog):
+    from scrnalf_hf.interpret.perturb import graph_readers
+
+    model = build(ScrnaLongformerModel, depth=1)
+    np.testing.assert_array_equal(graph_readers(model, range(N_GENES)), [len(readers_of(g)) for g in range(N_GENES)])
+    lonely = GRAPH.clone()
+    lonely[lonely == 5] = -1  # nobody lists G5, not even G5 itself
+    lonely[5, 0] = 5
+    model.base_model.set_gene_graph(lonely)
+    assert graph_readers(model, [5]).tolist() == [0]
+    with caplog.at_level("WARNING", logger="scrnalf_hf.interpret.perturb"):
+        perturb(model, processor, cells(), ["G5"], progress=False, gene_shifts=False)
+    assert "G5: no other gene lists it" in caplog.text and "gene_graph_metric=correlation" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scrnalf_hf.interpret.perturb"):
+        perturb(model, processor, cells(), ["G4"], progress=False, gene_shifts=False)
+    assert "no other gene lists" not in caplog.text

@@ -199,3 +199,20 @@ def test_gene_graph_loads_into_a_model():
     model = scrnalf_hf.ScrnaLongformerModel(scrnalf_hf.ScrnaLongformerConfig(n_genes=32, d_model=8, n_heads=2, knn_k=5))
     model.set_gene_graph(processor.build_gene_graph(expression, k=5))
     assert model(torch.from_numpy(expression[:3])).cell_embedding.shape == (3, 8)
+
+
+def test_gene_graph_by_correlation_links_co_varying_genes_whatever_their_level_or_sign():
+    rng = np.random.default_rng(0)
+    activity = rng.uniform(0, 1, size=300)
+    steady = 5.5 + 0.05 * rng.standard_normal((300, 2))
+    constant = np.full(300, 2.0)
+    # regulator, a high-level gene that follows it, one that opposes it, two steady high-level genes, a constant one
+    expression = np.column_stack([activity, 5 + activity, 6 - activity, steady, constant]).astype(np.float32)
+    processor = ScrnaLongformerProcessor(gene_symbols=[f"g{i}" for i in range(6)], input_kind="log1p")
+    by_correlation = processor.build_gene_graph(expression, k=3, metric="correlation")
+    assert by_correlation[1, 0] == 1 and set(by_correlation[1, 1:].tolist()) == {0, 2}
+    np.testing.assert_array_equal(by_correlation[5], [5, -1, -1])  # constant: no correlation with anything
+    by_cosine = processor.build_gene_graph(expression, k=3)
+    assert set(by_cosine[1, 1:].tolist()) != {0, 2}  # level, not co-variation, decides the cosine graph
+    with pytest.raises(ValueError, match="metric must be"):
+        processor.build_gene_graph(expression, k=3, metric="spearman")

@@ -205,3 +205,19 @@ def test_n_top_genes_keeps_the_training_cells_most_variable_genes(tmp_path):
     assert json.loads((output / "config.json").read_text())["n_genes"] == 40
     marker_genes = set(adata.var_names[adata.var["marker_of"].astype(str) != ""])
     assert len(marker_genes & set(processor["gene_symbols"])) > len(marker_genes) / 2  # markers vary more than most
+
+
+def test_a_fresh_models_gene_graph_follows_the_configs_metric(marker_file):
+    from scrnalf_hf.data.panel import fit_processor, gene_graph
+    from scrnalf_hf.training.finetune import build_model
+
+    cells, targets, train, _ = _split(marker_file)
+    processor = fit_processor(cells, train, seed=0)
+    graphs = {}
+    for metric in ("cosine", "correlation"):
+        model = build_model(CLASSIFICATION, processor, cells, train, targets, preset="tiny",
+                            config_overrides={"knn_k": 8, "gene_graph_metric": metric})
+        assert model.config.gene_graph_metric == metric
+        graphs[metric] = model.base_model.gene_neighbors.numpy()
+        np.testing.assert_array_equal(graphs[metric], gene_graph(processor, cells, train, k=8, metric=metric))
+    assert (graphs["cosine"] != graphs["correlation"]).any()

@@ -88,16 +88,22 @@ def test_the_other_task_target_option_is_refused(tmp_path, capsys):
     assert "--time-key is required for pseudotime regression" in capsys.readouterr().err
 
 
-def test_finetune_learns_pseudotime_of_simulated_linear_data(tmp_path):
-    cells, targets = trajectory_cells(trajectory_adata())
+@pytest.mark.parametrize("unit", [1.0, 1000.0])  # pseudotime in [0, 1), or in thousands of e.g. minutes
+def test_finetune_learns_pseudotime_of_simulated_linear_data_in_any_unit(tmp_path, unit):
+    adata = trajectory_adata()
+    adata.obs["pseudotime"] *= unit
+    cells, targets = trajectory_cells(adata)
     rows = np.random.default_rng(0).permutation(cells.n_cells)
     train, test = np.sort(rows[:90]), np.sort(rows[90:])
     args = training_arguments(TRAJECTORY, tmp_path, **FAST, eval_strategy="no", save_strategy="no",
                               load_best_model_at_end=False)
     result = finetune(TRAJECTORY, cells, targets, train, args, preset="tiny", validation_fraction=0, config_overrides=EAGER)
+    config = result.trainer.model.config
+    assert config.target_center == pytest.approx(targets.values[train].mean(), rel=1e-5)
+    assert config.target_scale == pytest.approx(targets.values[train].std(), rel=1e-5)
     scores = score_held_out(result, CellPart(cells, targets, test))
     assert scores.point.shape == (30,) and scores.metrics["spearman"] > 0.5, scores.metrics
-    assert scores.metrics["mae"] < 0.2
+    assert scores.metrics["mae"] < 0.2 * unit
 
 
 def test_cli_finetune_then_predict_writes_pseudotime(tmp_path):
@@ -153,3 +159,53 @@ def test_root_cell_must_be_a_cell_and_belongs_to_the_trajectory_task(tmp_path, c
     assert main([*base[:-4], "--methods", "logreg", "--cv", "2", "--label-key", "cell_type", "--root-cell", "cell_0000000",
                  "--output-dir", str(tmp_path / "b")]) == 1
     assert "applies to --task trajectory" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_time_point_conditioning_runs_from_finetune_through_predict_and_ridge_sees_the_time_too(tmp_path, capsys):
+    adata = trajectory_adata()
+    adata.obs["day"] = np.round(adata.obs["pseudotime"].to_numpy() * 3)  # four sampling days
+    data = write_h5ad(adata, tmp_path)
+    model_dir = tmp_path / "model"
+    assert main(["finetune", "--task", "trajectory", "--time-key", "pseudotime", "--time-point-key", "day",
+                 "--train-file", str(data), "--preset", "tiny", "--output-dir", str(model_dir),
+                 "--config-overrides", "kernel_implementation=eager", "--num_train_epochs", "2",
+                 "--disable_tqdm", "true"]) == 0
+    assert json.loads((model_dir / "config.json").read_text())["time_conditioning"] is True
+
+    predicted = tmp_path / "predicted.h5ad"
+    assert main(["predict", "--model", str(model_dir), "--input", str(data), "--output", str(predicted)]) == 1
+    assert "give --time-point-key" in capsys.readouterr().err and not predicted.exists()
+    assert main(["predict", "--model", str(model_dir), "--input", str(data), "--output", str(predicted),
+                 "--time-point-key", "day"]) == 0
+    shifted = adata.copy()
+    shifted.obs["day"] += 5  # far outside the training days: the time encoder moves every prediction
+    assert not np.allclose(
+        ad.read_h5ad(predicted).obs[PSEUDOTIME_KEY],
+        __import__("scrnalf_hf").tl.pseudotime(shifted, str(model_dir), time_point_key="day", copy=True).obs[PSEUDOTIME_KEY],
+    )
+
+    rows = {}
+    for key in (None, "day"):
+        output = tmp_path / f"compare_{key}"
+        assert main(["compare", "--task", "trajectory", "--time-key", "pseudotime", "--train-file", str(data),
+                     "--methods", "ridge", "--cv", "2", "--output-dir", str(output),
+                     *(["--time-point-key", key] if key else [])]) == 0
+        rows[key] = json.loads((output / "comparison.json").read_text())[0]
+    assert rows["day"]["n_parameters"] == rows[None]["n_parameters"] + 1  # one more feature: the time point
+
+
+def test_time_points_are_refused_where_they_mean_nothing(tmp_path, capsys, trained_tiny_folder):
+    adata = trajectory_adata(n_cells=20)
+    adata.obs["day"] = ["d0", "d1"] * 10
+    data = write_h5ad(adata, tmp_path)
+    assert main(["finetune", "--task", "trajectory", "--time-key", "pseudotime", "--time-point-key", "day",
+                 "--train-file", str(data), "--preset", "tiny", "--output-dir", str(tmp_path / "a")]) == 1
+    assert "time point column 'day' must hold numbers" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    adata.obs["day"] = 1.0
+    data = write_h5ad(adata, tmp_path, "numeric.h5ad")
+    assert main(["compare", "--label-key", "cell_type", "--time-point-key", "day", "--methods", "logreg", "--cv", "2",
+                 "--train-file", str(data), "--output-dir", str(tmp_path / "b")]) == 1
+    assert "--time-point-key conditions a trajectory model" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["predict", "--model", str(trained_tiny_folder), "--input", str(data), "--output", str(tmp_path / "c.h5ad"),
+                 "--time-point-key", "day"]) == 1
+    assert "this model ignores time points" in capsys.readouterr().err and not (tmp_path / "c.h5ad").exists()
