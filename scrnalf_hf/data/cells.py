@@ -165,10 +165,15 @@ class Cells:
         return TIME_POINT_COLUMN in self.dataset.column_names
 
     def time_points(self, rows: np.ndarray) -> np.ndarray | None:
-        """(len(rows),) float32 time points of ``rows``, or None when the cells carry none."""
+        """(len(rows),) float32 time points of ``rows``, or None when the cells carry none. Read
+        once: the baselines ask for every chunk of test cells."""
+        return None if self._time_points is None else self._time_points[np.asarray(rows)]
+
+    @functools.cached_property
+    def _time_points(self) -> np.ndarray | None:
         if not self.has_time_points:
             return None
-        return np.asarray(self.dataset.with_format("numpy")[TIME_POINT_COLUMN], dtype=np.float32)[np.asarray(rows)]
+        return np.asarray(self.dataset.with_format("numpy")[TIME_POINT_COLUMN], dtype=np.float32)
 
     def obs_column(self, key: str) -> np.ndarray:
         """(n_cells,) values of a stored ``obs`` column, by its ``obs`` name (``label`` answers to
