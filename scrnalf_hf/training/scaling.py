@@ -591,6 +591,10 @@ def scaling_table(record: dict) -> str:
                 f"{e['train_wh_per_million_cells_estimate']:.2f} | {e['predict_cells_per_second']:,.0f} | "
                 f"{e['predict_wh_per_million_cells_estimate']:.3f} | {e['n_parameters']:,.0f} |"
             )
+    missing = record.get("unfinished") or []
+    if missing:
+        listed = ", ".join(f"{e['method']} at {e['size']:,} ({e['repeats_done']} of {settings['repeats']} repeats)" for e in missing)
+        lines += ["", f"**Not measured** (the run stopped before these fits): {listed}."]
     sentences = crossover_sentences(record["crossovers"])
     if sentences:
         lines += ["", "Crossovers with logistic regression (mean curves):", ""] + [f"- {s}" for s in sentences]
@@ -648,6 +652,17 @@ def plot_scaling(record: dict, path: str | Path) -> None:
     plt.close(figure)
 
 
+def unfinished(record: dict) -> list[dict]:
+    """Planned (method, size) fits that have fewer rows than repeats: a run stopped (or still
+    going) before them. Empty for a finished run."""
+    settings = record["settings"]
+    done: dict[tuple[str, int], int] = {}
+    for row in record["rows"]:
+        done[(row["method"], row["size"])] = done.get((row["method"], row["size"]), 0) + 1
+    return [{"method": m, "size": s, "repeats_done": done.get((m, s), 0)}
+            for s in settings["sizes"] for m in settings["methods"] if done.get((m, s), 0) < settings["repeats"]]
+
+
 def _atomic_write(path: Path, text: str) -> None:
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     staging.write_text(text)
@@ -659,6 +674,7 @@ def write_results(record: dict, output_dir: Path, plot: bool = False) -> dict:
     whole) and, with ``plot``, scaling.png."""
     record["summary"] = summarise(record["rows"])
     record["crossovers"] = crossovers(record["summary"])
+    record["unfinished"] = unfinished(record)
     _atomic_write(output_dir / "scaling.json", json.dumps(record, indent=1) + "\n")
     _atomic_write(output_dir / "scaling.md", scaling_table(record))
     if plot:
