@@ -4,6 +4,7 @@ named difficulty settings, and the bundled pbmc68k_reduced as an .h5ad.
     python scripts/scaling.py simulate --setting standard --n-cells 32500 --output data/sim_standard.h5ad
     python scripts/scaling.py pbmc --output data/pbmc68k_reduced.h5ad
     python scripts/scaling.py table     # benchmarks/scaling/*/scaling.json -> the packaged recommend table
+    python scripts/scaling.py readme    # the measured part of benchmarks/scaling/README.md (between markers)
 
 Simulated data measure mechanics and speed, not biology (see scrnalf_hf.data.simulation).
 """
@@ -33,6 +34,24 @@ def describe(setting: str, n_cells: int, seed: int) -> str:
             "simulated data measure mechanics and speed, not biology")
 
 
+START, END = "<!-- studies:start -->", "<!-- studies:end -->"
+
+
+def write_readme(benchmarks: Path, output: Path) -> None:
+    """Each study's scaling.md (command, tables, crossovers, what was not measured) and its plot,
+    between the markers of ``output``; the hand-written text around them is kept."""
+    parts = []
+    for path in sorted(benchmarks.glob("*/scaling.json")):
+        folder = path.parent
+        parts += [f"### `{folder.name}`", "", (folder / "scaling.md").read_text().strip(), "",
+                  f"![{folder.name}]({folder.name}/scaling.png)", ""]
+    text = output.read_text() if output.exists() else f"{START}\n{END}\n"
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    output.write_text(f"{before}{START}\n" + "\n".join(parts) + f"\n{END}{after}")
+    print(f"{len(parts) // 6} studies -> {output}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -46,8 +65,14 @@ def main(argv=None) -> None:
     table = sub.add_parser("table", help="gather benchmarks/scaling/*/scaling.json into the packaged recommend table")
     table.add_argument("--benchmarks", default=str(REPO / "benchmarks" / "scaling"))
     table.add_argument("--output", default=str(REPO / "scrnalf_hf" / "training" / "scaling_measurements.json"))
+    readme = sub.add_parser("readme", help="write every study's table into benchmarks/scaling/README.md between markers")
+    readme.add_argument("--benchmarks", default=str(REPO / "benchmarks" / "scaling"))
+    readme.add_argument("--output", default=str(REPO / "benchmarks" / "scaling" / "README.md"))
     args = parser.parse_args(argv)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if args.what == "readme":
+        write_readme(Path(args.benchmarks), Path(args.output))
+        return
     if args.what == "simulate":
         from scrnalf_hf.data.simulation import write_simulated_h5ad
 

@@ -80,9 +80,10 @@ class Recommendation:
             f"recommended: {self.method}" + (f" (transformer preset {self.preset!r})" if self.preset else " (no transformer preset)"),
             f"expected held-out macro-F1: {self.expected_macro_f1:.3f} (measured range {self.macro_f1_range[0]:.3f}–"
             f"{self.macro_f1_range[1]:.3f}); training time ≈ {self.train_minutes:.1f} min per fit",
-            f"measured study: {s['dataset']} ({s.get('description') or 'no description'}); {s['n_genes']:,} genes, "
-            f"{s['n_classes']} classes, sizes {', '.join(f'{n:,}' for n in s['sizes'])}; machine: {s.get('machine', '?')}",
-            f"reproduce it: {s['command']}",
+            f"measured data: {s['dataset']} ({s.get('description') or 'no description'}); {s['n_genes']:,} genes, "
+            f"{s['n_classes']} classes; machine: {s.get('machine', '?')}",
+            *[f"measured run: {source}" for source in s.get("sources", [s.get("source", "?")])],
+            "reproduce: " + " ; ".join(s.get("commands", [s["command"]])),
             "",
             "| method | expected macro-F1 | measured range | train min (est.) | within budget | nearest measured points (cells: macro-F1 [95% interval], train s) |",
             "|---|---|---|---|---|---|",
@@ -91,7 +92,7 @@ class Recommendation:
             points = "; ".join(
                 f"{p['size']:,}: {p['macro_f1']:.3f} [{p['macro_f1_ci95'][0]:.3f}, {p['macro_f1_ci95'][1]:.3f}], {p['train_seconds']:.0f} s"
                 for p in e.nearest_points
-            )
+            ) + (f" ({e.nearest_points[0]['source']})" if e.nearest_points and "source" in e.nearest_points[0] else "")
             lines.append(f"| {e.method} | {e.macro_f1:.3f} | {e.macro_f1_range[0]:.3f}–{e.macro_f1_range[1]:.3f} | "
                          f"{e.train_minutes:.2f} | {'yes' if e.fits_budget else 'no'} | {points} |")
         lines += ["", "assumptions:"] + [f"- {a}" for a in self.assumptions]
@@ -201,20 +202,28 @@ def recommend_architecture(
     def distance(study: dict) -> float:
         return abs(math.log(n_genes / study["n_genes"])) + abs(math.log(n_classes / study["n_classes"]))
 
-    study = min(studies, key=distance)
-    methods = list(dict.fromkeys(p["method"] for p in study["points"] if p["method"] not in IGNORED))
+    nearest = min(distance(s) for s in studies)
+    # runs of the same data (same genes and classes) are read together: each method from the run
+    # that measured it at the most sizes
+    tied = [s for s in studies if distance(s) <= nearest + 1e-9]
+    study = tied[0]
+    methods = list(dict.fromkeys(p["method"] for s in tied for p in s["points"] if p["method"] not in IGNORED))
     if not methods:
         raise ValueError(f"the measured study {study['dataset']} has no method to recommend.")
-    estimates, extrapolated = [], False
+    estimates, extrapolated, measured_sizes = [], False, set()
     for method in methods:
-        f1, span, seconds, used, outside = _estimate([p for p in study["points"] if p["method"] == method], n_cells)
+        source = max(tied, key=lambda s: len({p["size"] for p in s["points"] if p["method"] == method}))
+        points = [p for p in source["points"] if p["method"] == method]
+        measured_sizes |= {p["size"] for p in points}
+        f1, span, seconds, used, outside = _estimate(points, n_cells)
         extrapolated |= outside
         fits = budget_minutes is None or seconds / 60 <= budget_minutes
-        estimates.append(MethodEstimate(method, f1, span, seconds / 60, fits, used))
+        estimates.append(MethodEstimate(method, f1, span, seconds / 60, fits, [dict(p, source=source["source"]) for p in used]))
     estimates.sort(key=lambda e: (not e.fits_budget, -e.macro_f1))
     best = estimates[0]
+    study = dict(study, sources=[s["source"] for s in tied], commands=[s["command"] for s in tied])
 
-    sizes = study["sizes"]
+    sizes = sorted(measured_sizes)
     assumptions = [
         f"figures come from the measured study nearest in genes and classes: {study['dataset']} "
         f"({study['n_genes']:,} genes, {study['n_classes']} classes) against the question's {n_genes:,} genes, {n_classes} classes.",
@@ -224,6 +233,11 @@ def recommend_architecture(
         + (f" with at most {study['epoch_budget_cells']:,} cell passes per transformer fit" if study.get("epoch_budget_cells") else "")
         + "; another machine or epoch budget scales them.",
     ]
+    outside_methods = [e.method for e in estimates if e.nearest_points and not (
+        min(p["size"] for p in e.nearest_points) <= n_cells <= max(p["size"] for p in e.nearest_points))]
+    if outside_methods and sizes[0] <= n_cells <= sizes[-1]:
+        assumptions.append(f"EXTRAPOLATION for {', '.join(outside_methods)}: {n_cells:,} cells lies outside the sizes "
+                           "measured for them (see their nearest points).")
     if n_cells < sizes[0] or n_cells > sizes[-1]:
         side = "above the largest" if n_cells > sizes[-1] else "below the smallest"
         assumptions.append(

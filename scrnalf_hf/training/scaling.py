@@ -457,14 +457,16 @@ def scaling(
 
 
 def _interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% t-interval of the mean over repeats (the mean twice for one value)."""
+    """Mean and two-sided 95% t-interval of the mean over repeats, clipped to [0, 1] (the mean
+    twice for one value)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, mean, mean
     from scipy.stats import t
 
     half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, float(mean - half), float(mean + half)
+    # a score lies in [0, 1]: the interval is clipped to it (two repeats give t = 12.7, a wide interval)
+    return mean, float(max(0.0, mean - half)), float(min(1.0, mean + half))
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:

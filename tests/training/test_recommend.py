@@ -89,3 +89,17 @@ def test_the_packaged_table_is_the_committed_benchmarks_and_answers():
     assert TABLE.parent.name == "training"
     answer = recommend_architecture(2000, 500, 6)
     assert answer.method and answer.study["command"].startswith("scrnalf scaling")
+
+
+def test_runs_of_the_same_data_are_read_together_each_method_from_its_widest_run():
+    baselines = study(dataset="sim")
+    baselines["source"] = "baselines"
+    baselines["points"] = [point("logreg", s, 0.8, 2) for s in (1000, 10000, 30000)]
+    presets = study(dataset="sim")
+    presets["source"] = "presets"
+    answer = recommend_architecture(20000, 500, 6, measurements=[presets, baselines])
+    estimates = {e.method: e for e in answer.estimates}
+    assert {p["source"] for p in estimates["logreg"].nearest_points} == {"baselines"}  # measured up to 30,000 there
+    assert {p["source"] for p in estimates["default"].nearest_points} == {"presets"}
+    assert any("EXTRAPOLATION for default" in a for a in answer.assumptions)  # 20,000 is past default's 10,000
+    assert set(answer.study["sources"]) == {"presets", "baselines"}

@@ -16,6 +16,7 @@ from scrnalf_hf.training.tasks import CLASSIFICATION
 pytest.importorskip("optuna")
 
 
+@pytest.mark.slow  # 6 trainings: about a minute on 2 idle cores (11 min measured on the shared, loaded machine)
 def test_six_trials_give_a_pareto_front_a_table_a_plot_and_a_loadable_best_config(tmp_path):
     cells = open_cells(marker_adata(n_cells=90, n_genes=40, n_types=3), label_key="cell_type", progress=False)
     targets = read_targets(CLASSIFICATION, cells, "cell_type")
