@@ -2,7 +2,7 @@
 size, read from measured learning curves — never from a rule of thumb.
 
 The measurements are the ``scrnalf scaling`` runs committed under ``benchmarks/scaling/``,
-gathered by ``scripts/scaling_table.py`` into the packaged table ``scaling_measurements.json``
+gathered by ``python scripts/scaling.py table`` into the packaged table ``scaling_measurements.json``
 (next to this module, so an installed package answers too). The answer:
 
 1. takes the measured study whose gene count and class count are nearest the question (log
@@ -103,7 +103,7 @@ def load_measurements(path: str | Path | None = None) -> list[dict]:
     """The measured studies (see the module docstring); ``path`` replaces the packaged table."""
     path = TABLE if path is None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no measured scaling table at {path}; run `scrnalf scaling` and scripts/scaling_table.py.")
+        raise FileNotFoundError(f"no measured scaling table at {path}; run `scrnalf scaling`, then `python scripts/scaling.py table`.")
     studies = json.loads(path.read_text())
     if not isinstance(studies, list) or not studies:
         raise ValueError(f"{path} holds no measured study.")

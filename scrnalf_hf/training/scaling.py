@@ -125,7 +125,7 @@ def check_sizes(sizes: Sequence[int], pool_size: int, n_classes: int, what: str)
     too_large = [size for size in sizes if size > pool_size]
     if too_large:
         raise ValueError(
-            f"--sizes {too_large} exceed the {pool_size} labelled cells of {what} left after the held-out test set; "
+            f"--sizes {too_large} exceed the {pool_size} labelled cells of {what!r} left after the held-out test set; "
             f"use sizes up to {pool_size} or a smaller --test-fraction / --max-test-cells."
         )
     too_small = [size for size in sizes if size < 2 * n_classes]
