@@ -44,7 +44,6 @@ import psutil
 from transformers import TrainingArguments
 
 from ..data.cells import Cells
-from ..presets import PRESET_NAMES
 from .tasks import Targets, Task
 
 logger = logging.getLogger(__name__)
@@ -687,7 +686,7 @@ def write_results(record: dict, output_dir: Path, plot: bool = False) -> dict:
 
 
 __all__ = [
-    "PRESET_NAMES", "WATTS_PER_CORE", "crossover_sentences", "crossovers", "cpu_seconds", "energy_wh_per_million_cells",
-    "epochs_for", "parse_sizes", "plot_scaling", "scaling", "scaling_table", "stratified_subsample", "summarise",
+    "WATTS_PER_CORE", "crossover_sentences", "crossovers", "cpu_seconds", "energy_wh_per_million_cells",
+    "epochs_for", "parse_sizes", "plot_scaling", "scaling", "scaling_table", "stratified_subsample", "summarise", "unfinished",
     "write_results",
 ]

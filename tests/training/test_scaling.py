@@ -91,10 +91,12 @@ def test_crossover_found_where_a_preset_overtakes_logreg_for_good():
 
 
 def test_summary_interval_is_a_t_interval_over_repeats():
-    (entry,) = _summary({"logreg": {100: [0.5, 0.7]}})
-    assert entry["macro_f1"] == pytest.approx(0.6)
-    # t(0.975, 1) = 12.706; std 0.1414 / sqrt(2) = 0.1 -> half-width 1.2706
-    assert entry["macro_f1_ci95"] == pytest.approx([0.6 - 1.2706, 0.6 + 1.2706], abs=1e-3)
+    (entry,) = _summary({"logreg": {100: [0.50, 0.51]}})
+    assert entry["macro_f1"] == pytest.approx(0.505)
+    # t(0.975, 1) = 12.706; std 0.00707 / sqrt(2) = 0.005 -> half-width 0.0635
+    assert entry["macro_f1_ci95"] == pytest.approx([0.505 - 0.0635, 0.505 + 0.0635], abs=1e-3)
+    (wide,) = _summary({"logreg": {100: [0.5, 0.7]}})  # half-width 1.27: clipped to the scores' range
+    assert wide["macro_f1_ci95"] == [0.0, 1.0]
 
 
 def test_scaling_writes_rows_for_every_size_repeat_and_method_on_one_fixed_test_set(tmp_path):
@@ -169,3 +171,17 @@ def test_a_pretrained_model_that_does_not_load_fails_before_any_fit(tmp_path):
     with pytest.raises((ValueError, OSError), match="nope"):
         scaling(CLASSIFICATION, cells, targets, "30", "logreg", out, args, pretrained=str(tmp_path / "nope"))
     assert not out.exists()
+
+
+def test_a_stopped_run_lists_what_it_did_not_measure(tmp_path):
+    from scrnalf_hf.training.scaling import write_results
+
+    cells, targets = marker_cells(n_cells=90, n_genes=40, n_types=3)
+    out = tmp_path / "scaling"
+    record = scaling(CLASSIFICATION, cells, targets, "12,30", "logreg", out, training_arguments(CLASSIFICATION, out / "runs"),
+                     repeats=1)
+    assert record["unfinished"] == []
+    record["rows"] = [row for row in record["rows"] if row["size"] != 30]  # as if stopped before the last size
+    write_results(record, out, plot=True)
+    assert [(e["method"], e["size"]) for e in record["unfinished"]] == [("logreg", 30), ("majority", 30)]
+    assert "**Not measured**" in (out / "scaling.md").read_text() and "logreg at 30 (0 of 1 repeats)" in (out / "scaling.md").read_text()
