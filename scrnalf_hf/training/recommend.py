@@ -233,6 +233,11 @@ def recommend_architecture(
         + (f" with at most {study['epoch_budget_cells']:,} cell passes per transformer fit" if study.get("epoch_budget_cells") else "")
         + "; another machine or epoch budget scales them.",
     ]
+    single = [e.method for e in estimates if len({p["size"] for p in e.nearest_points}) == 1 and
+              e.nearest_points[0]["size"] != n_cells]
+    if single:
+        assumptions.append(f"{', '.join(single)}: measured at one size only, so training time is scaled in proportion to "
+                           "the cells (an assumption, not a measured slope) and macro-F1 is that one measurement.")
     outside_methods = [e.method for e in estimates if e.nearest_points and not (
         min(p["size"] for p in e.nearest_points) <= n_cells <= max(p["size"] for p in e.nearest_points))]
     if outside_methods and sizes[0] <= n_cells <= sizes[-1]:

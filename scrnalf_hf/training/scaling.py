@@ -552,6 +552,11 @@ def crossover_sentences(crossing: dict[str, dict], reference: str = REFERENCE) -
     return lines
 
 
+def _speed(cells_per_second: float) -> str:
+    """Cells/s with enough digits to tell slow fits apart (0.49, not 0)."""
+    return f"{cells_per_second:,.0f}" if cells_per_second >= 100 else f"{cells_per_second:.3g}"
+
+
 def scaling_table(record: dict) -> str:
     """The Markdown of scaling.md: the command, macro-F1 per size and method (mean [95% interval]),
     then timings, speeds and energy estimates, then the crossovers."""
@@ -588,8 +593,8 @@ def scaling_table(record: dict) -> str:
             if e is None:
                 continue
             lines.append(
-                f"| {size:,} | {m} | {e['train_seconds']:.1f} | {e['train_cpu_seconds']:.1f} | {e['train_cells_per_second']:,.0f} | "
-                f"{e['train_wh_per_million_cells_estimate']:.2f} | {e['predict_cells_per_second']:,.0f} | "
+                f"| {size:,} | {m} | {e['train_seconds']:.1f} | {e['train_cpu_seconds']:.1f} | {_speed(e['train_cells_per_second'])} | "
+                f"{e['train_wh_per_million_cells_estimate']:.2f} | {_speed(e['predict_cells_per_second'])} | "
                 f"{e['predict_wh_per_million_cells_estimate']:.3f} | {e['n_parameters']:,.0f} |"
             )
     missing = record.get("unfinished") or []
