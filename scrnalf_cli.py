@@ -389,6 +389,149 @@ def _run_transfer(args) -> None:
     run_transfer(args)
 
 
+def _add_scaling(subparsers) -> None:
+    parser = _command(
+        subparsers, "scaling",
+        "learning curves: every method on stratified subsamples of each size (repeats) against one fixed held-out test "
+        "set -> scaling.json, .md, .png with macro-F1 (95 percent interval), training time, cells/s, energy estimates and "
+        "where a preset overtakes logistic regression; further TrainingArguments flags apply to the presets",
+    )
+    _add_data_options(parser)
+    parser.add_argument("--output-dir", required=True, help="where scaling.json, .md and .png go")
+    parser.add_argument("--sizes", required=True, help="comma-separated numbers of labelled training cells, e.g. 1000,3000,10000")
+    parser.add_argument("--methods", default="tiny,logreg,random_forest", help="comma-separated presets and baselines")
+    parser.add_argument("--repeats", type=int, default=3, help="subsamples per size (seeds seed, seed+1, ...)")
+    parser.add_argument("--pretrained", default=None, help="a saved model fine-tuned at every size too (row 'pretrained')")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="labelled cells held out once as the test set")
+    parser.add_argument("--max-test-cells", type=int, default=5000, help="at most this many test cells")
+    parser.add_argument("--epoch-budget-cells", type=int, default=None,
+                        help="cap each preset fit at this many cell passes: epochs = budget / size, clipped to [1, recipe]")
+    parser.add_argument("--watts-per-core", type=float, default=None,
+                        help="power per busy core of the energy estimate (default: scrnalf_hf.training.scaling.WATTS_PER_CORE)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test split, the subsamples and training")
+    parser.add_argument("--class-weighting", default="none", choices=["none", "balanced"], help="for every method alike")
+    parser.add_argument("--config-overrides", default=None, help="config fields for every preset, e.g. pooling=cls")
+    parser.add_argument("--validation-fraction", type=float, default=0.1, help="cells of each subsample that pick a preset's best epoch")
+    parser.add_argument("--early-stopping-patience", type=int, default=8, help="evaluations without improvement before stopping")
+    parser.add_argument("--description", default=None, help="what the data are, recorded with the results")
+    parser.add_argument("--resume", action="store_true", help="carry on with the rows of an earlier run in --output-dir")
+    parser.set_defaults(func=_run_scaling, passes_flags_on=True)
+
+
+def _run_scaling(args) -> None:
+    import shlex
+    from pathlib import Path
+
+    from scrnalf_hf.data.cells import open_cells
+    from scrnalf_hf.training import scaling as scaling_module
+    from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
+    from scrnalf_hf.training.finetune import check_output_folder, read_targets, target_key_of
+    from scrnalf_hf.training.tasks import get_task
+
+    task = get_task(args.task)
+    target_key = target_key_of(task, args)
+    if args.species or args.species_key or args.model_species:
+        raise ValueError("scrnalf scaling measures one species; drop --species / --species-key / --model-species.")
+    sizes = scaling_module.parse_sizes(args.sizes)  # before reading any cell
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
+    check_output_folder(args.output_dir)
+    cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
+                       label_key=args.label_key, name=args.dataset_name)
+    targets = read_targets(task, cells, target_key, args.min_cells_per_label)
+    quiet = [] if args.verbose else ["--log-level", "warning"]
+    training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed,
+                                       flags=[*quiet, "--disable-tqdm", "true", *args.extra_args])
+    record = scaling_module.scaling(
+        task, cells, targets, sizes, args.methods, args.output_dir, training_args, repeats=args.repeats,
+        test_fraction=args.test_fraction, max_test_cells=args.max_test_cells, pretrained=args.pretrained, seed=args.seed,
+        epoch_budget_cells=args.epoch_budget_cells,
+        watts_per_core=scaling_module.WATTS_PER_CORE if args.watts_per_core is None else args.watts_per_core,
+        class_weighting=None if args.class_weighting == "none" else args.class_weighting,
+        config_overrides=parse_config_overrides(args.config_overrides), n_top_genes=args.n_top_genes,
+        validation_fraction=args.validation_fraction, early_stopping_patience=args.early_stopping_patience,
+        resume=args.resume, command="scrnalf scaling " + " ".join(shlex.quote(a) for a in args.argv),
+        description=args.description,
+    )
+    print(scaling_module.scaling_table(record))
+
+
+def _add_recommend(subparsers) -> None:
+    parser = _command(
+        subparsers, "recommend",
+        "which method / preset for a dataset of this size, read from the measured scaling table (benchmarks/scaling): "
+        "expected macro-F1 range, training time, the nearest measured points and every assumption",
+    )
+    parser.add_argument("--n-cells", type=int, required=True, help="labelled training cells")
+    parser.add_argument("--n-genes", type=int, required=True, help="genes of the panel")
+    parser.add_argument("--n-classes", type=int, required=True, help="cell types to tell apart")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="training minutes allowed per fit")
+    parser.add_argument("--table", default=None, help="a measured table (JSON) instead of the packaged one")
+    parser.set_defaults(func=_run_recommend)
+
+
+def _run_recommend(args) -> None:
+    from scrnalf_hf.training.recommend import recommend_architecture
+
+    print(recommend_architecture(args.n_cells, args.n_genes, args.n_classes, args.budget_minutes,
+                                 measurements=args.table).to_text())
+
+
+def _add_search(subparsers) -> None:
+    parser = _command(
+        subparsers, "search",
+        "hyperparameter search (Trainer.hyperparameter_search, optuna) over d_model, depth, heads, knn_k, attention, "
+        "learning rate and epochs for macro-F1 and cells/s: the Pareto front, the study as table and plot, and the best "
+        "configuration as a loadable config",
+    )
+    _add_data_options(parser)
+    parser.add_argument("--output-dir", required=True, help="where search.json, study.md/.csv, pareto.png and best_config/ go")
+    parser.add_argument("--trials", type=int, default=6, help="trials of the study")
+    parser.add_argument("--base-preset", default="tiny", help="preset whose other fields every trial keeps")
+    parser.add_argument("--max-epochs", type=int, default=3, help="largest number of epochs a trial may draw")
+    parser.add_argument("--attention-types", type=_strings, default=("knn", "linear"), help="attention types searched (knn,linear,dense)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2, help="labelled cells that score the trials")
+    parser.add_argument("--watts-per-core", type=float, default=None, help="power per busy core of the energy estimate")
+    parser.add_argument("--config-overrides", default=None,
+                        help="config fields every trial keeps, e.g. kernel_implementation=eager (no compilation per trial)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the sampler and training")
+    parser.set_defaults(func=_run_search, passes_flags_on=True)
+
+
+def _run_search(args) -> None:
+    import shlex
+    from pathlib import Path
+
+    from scrnalf_hf.data.cells import open_cells
+    from scrnalf_hf.training import search as search_module
+    from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
+    from scrnalf_hf.training.finetune import check_output_folder, read_targets, target_key_of
+    from scrnalf_hf.training.tasks import get_task
+
+    if args.trials < 1:
+        raise ValueError(f"--trials must be a positive number of trials, got {args.trials}.")
+    task = get_task(args.task)
+    target_key = target_key_of(task, args)
+    if args.species or args.species_key or args.model_species:
+        raise ValueError("scrnalf search tunes one-species models; drop --species / --species-key / --model-species.")
+    check_output_folder(args.output_dir)
+    cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
+                       label_key=args.label_key, name=args.dataset_name)
+    targets = read_targets(task, cells, target_key, args.min_cells_per_label)
+    quiet = [] if args.verbose else ["--log-level", "warning"]
+    training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed,
+                                       flags=[*quiet, "--disable-tqdm", "true", *args.extra_args])
+    record = search_module.search(
+        task, cells, targets, args.output_dir, training_args, n_trials=args.trials, base_preset=args.base_preset,
+        max_epochs=args.max_epochs, attention_types=tuple(args.attention_types),
+        validation_fraction=args.validation_fraction, n_top_genes=args.n_top_genes, seed=args.seed,
+        watts_per_core=search_module.WATTS_PER_CORE if args.watts_per_core is None else args.watts_per_core,
+        config_overrides=parse_config_overrides(args.config_overrides),
+        command="scrnalf search " + " ".join(shlex.quote(a) for a in args.argv), train_file=args.train_file,
+    )
+    print(search_module.study_table(record))
+
+
 def _add_push(subparsers) -> None:
     parser = _command(subparsers, "push", "publish a Hub-ready model folder in one commit and print the commit id to pin")
     parser.add_argument("--model-dir", required=True, help="Hub-ready folder (weights, config, processor, code, README.md)")
@@ -551,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(subparsers)
     _add_perturb(subparsers)
     _add_transfer(subparsers)
+    _add_scaling(subparsers)
+    _add_recommend(subparsers)
+    _add_search(subparsers)
     _add_push(subparsers)
     _add_presets(subparsers)
     _add_benchmark(subparsers)
@@ -619,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args.extra_args, args.debug, args.verbose = rest, flags["--debug"], flags["--verbose"]
+    args.argv = argv[1:]  # the command's own arguments, for results that record how they were made
     try:
         with _output(args.verbose):
             args.func(args)

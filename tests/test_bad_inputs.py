@@ -1,6 +1,6 @@
 """The bad-input suite (issue 14): every bad input and fault a user can give ``scrnalf convert``,
-``finetune``, ``pretrain``, ``compare``, ``predict``, ``embed``, ``push``, ``benchmark report`` and
-the Python API, in one table.
+``finetune``, ``pretrain``, ``compare``, ``predict``, ``embed``, ``push``, ``benchmark report``,
+``scaling``, ``recommend``, ``search`` and the Python API, in one table.
 
 Each case builds its bad input in a fresh folder and runs the command in-process
 (``scrnalf_cli.main``) or the API call. What the user must get:
@@ -866,6 +866,78 @@ def _presets_cases() -> list[Case]:
     ]
 
 
+def scl(train, t, *extra):
+    """A scaling command line on ``train`` into ``t/sc`` (which must not be left); later flags win."""
+    return cli("scaling", "--train-file", train, "--label-key", "cell_type", "--output-dir", t / "sc", "--methods", "logreg",
+               "--sizes", "12", "--repeats", "1", *extra, fresh=[t / "sc"])
+
+
+def _finished_scaling(t: Path) -> Path:
+    folder = t / "done"
+    folder.mkdir()
+    (folder / "scaling.json").write_text('{"settings": {}, "rows": []}\n')
+    return folder
+
+
+def _scaling_cases() -> list[Case]:
+    c = "scaling"
+    return [
+        Case("scaling-size-larger-than-data", c, "--sizes 1000 with 30 cells", lambda w, t, mp: scl(w.good, t, "--sizes", "1000"), "exceed"),
+        Case("scaling-size-smaller-than-classes", c, "--sizes 2 with 3 classes", lambda w, t, mp: scl(w.good, t, "--sizes", "2"), "too small"),
+        Case("scaling-size-zero", c, "--sizes 0,12", lambda w, t, mp: scl(w.good, t, "--sizes", "0,12"), "positive"),
+        Case("scaling-sizes-not-numbers", c, "--sizes small,large", lambda w, t, mp: scl(w.good, t, "--sizes", "small,large"), "--sizes"),
+        Case("scaling-size-twice", c, "--sizes 12,12", lambda w, t, mp: scl(w.good, t, "--sizes", "12,12"), "twice"),
+        Case("scaling-unknown-method", c, "--methods logreg,svm (unknown)", lambda w, t, mp: scl(w.good, t, "--methods", "logreg,svm"), "svm"),
+        Case("scaling-missing-label-key", c, "--label-key names no obs column",
+             lambda w, t, mp: scl(w.good, t, "--label-key", "celltype"), "not found"),
+        Case("scaling-repeats-zero", c, "--repeats 0", lambda w, t, mp: scl(w.good, t, "--repeats", "0"), "--repeats"),
+        Case("scaling-test-fraction-one", c, "--test-fraction 1.0", lambda w, t, mp: scl(w.good, t, "--test-fraction", "1.0"), "--test-fraction"),
+        Case("scaling-epoch-budget-zero", c, "--epoch-budget-cells 0", lambda w, t, mp: scl(w.good, t, "--epoch-budget-cells", "0"), "budget"),
+        Case("scaling-pretrained-missing", c, "--pretrained names no model",
+             lambda w, t, mp: scl(w.good, t, "--pretrained", str(t / "nope")), "nope"),
+        Case("scaling-output-has-results", c, "--output-dir holds an earlier scaling.json, no --resume",
+             lambda w, t, mp: (lambda d: cli("scaling", "--train-file", w.good, "--label-key", "cell_type", "--output-dir", d,
+                                              "--methods", "logreg", "--sizes", "12", protect=[d]))(_finished_scaling(t)), "--resume"),
+    ]
+
+
+def _recommend_cases() -> list[Case]:
+    c = "recommend"
+
+    def rec(*extra):
+        question = {"--n-cells": "5000", "--n-genes": "2000", "--n-classes": "8"}
+        for flag, value in zip(extra[::2], extra[1::2]):
+            question[flag] = value
+        return cli(c, *[item for pair in question.items() for item in pair])
+
+    return [
+        Case("recommend-n-cells-zero", c, "--n-cells 0", lambda w, t, mp: rec("--n-cells", "0"), "--n-cells"),
+        Case("recommend-n-cells-negative", c, "--n-cells -100", lambda w, t, mp: rec("--n-cells", "-100"), "--n-cells"),
+        Case("recommend-n-genes-zero", c, "--n-genes 0", lambda w, t, mp: rec("--n-genes", "0"), "--n-genes"),
+        Case("recommend-one-class", c, "--n-classes 1", lambda w, t, mp: rec("--n-classes", "1"), "at least 2"),
+        Case("recommend-budget-zero", c, "--budget-minutes 0", lambda w, t, mp: rec("--budget-minutes", "0"), "--budget-minutes"),
+        Case("recommend-table-missing", c, "--table names no file", lambda w, t, mp: rec("--table", str(t / "nope.json")), "no measured"),
+    ]
+
+
+def _search_cases() -> list[Case]:
+    c = "search"
+
+    def srch(*extra):
+        return lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "cell_type", "--output-dir", t / "search",
+                                    *extra, fresh=[t / "search"])
+
+    return [
+        Case("search-zero-trials", c, "--trials 0", srch("--trials", "0"), "--trials"),
+        Case("search-unknown-attention", c, "--attention-types knn,sparse", srch("--attention-types", "knn,sparse"), "sparse"),
+        Case("search-max-epochs-zero", c, "--max-epochs 0", srch("--max-epochs", "0"), "--max-epochs"),
+        Case("search-unknown-base-preset", c, "--base-preset huge", srch("--base-preset", "huge"), "huge"),
+        Case("search-missing-label-key", c, "--label-key names no obs column",
+             lambda w, t, mp: cli(c, "--train-file", w.good, "--label-key", "celltype", "--output-dir", t / "search",
+                                  fresh=[t / "search"]), "not found"),
+    ]
+
+
 REPO_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu-2core"
 
 
@@ -1021,6 +1093,9 @@ CASES: list[Case] = [
     *_benchmark_cases(),
     *_presets_cases(),
     *_api_cases(),
+    *_scaling_cases(),
+    *_recommend_cases(),
+    *_search_cases(),
 ]
 
 # ---------------------------------------------------------------------------------------------
