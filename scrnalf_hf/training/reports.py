@@ -273,7 +273,7 @@ def _write_export(
 def _species(cells: Cells) -> str | None:
     """The species of the cells, where the dataset records one (``convert --species`` or
     ``--species-key``); None otherwise."""
-    if "species" not in cells.dataset.column_names:
+    if not isinstance(cells, Cells) or "species" not in cells.dataset.column_names:  # SOMA: one species
         return None
     names = sorted(set(map(str, cells.dataset.unique("species"))))
     return ", ".join(names) or None
