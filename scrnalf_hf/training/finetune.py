@@ -705,6 +705,9 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     held_out = score_held_out(result, CellPart(cells, targets, test_rows)) if len(test_rows) else None
+    evaluation = None
+    if held_out is None and result.trainer.eval_dataset is not None:
+        evaluation = result.trainer.evaluate()  # on every process: its gathers wait for all of them
     if not result.trainer.is_world_process_zero():
         return {}
     baselines = []
@@ -718,7 +721,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     summary = write_run_outputs(
         output_dir, cells, result, held_out, baselines, method=model_args.preset or "pretrained",
         preset=model_args.preset, model_name_or_path=model_args.model_name_or_path,
-        class_weighting=model_args.class_weighting, freeze=model_args.freeze_encoder,
+        class_weighting=model_args.class_weighting, freeze=model_args.freeze_encoder, evaluation=evaluation,
     )
     check_against_baselines(summary)
     return summary
