@@ -132,7 +132,7 @@ def _run_training(args) -> None:
         build_parser().print_help()
         return
     if any(flag in args.extra_args for flag in ("-h", "--help")):
-        print(f"usage: scrnalf {args.command} --train-file F --output-dir D (--preset P | --model M) [options]\n")
+        print(f"usage: scrnalf {args.command} (--train-file F | --soma-uri URI) --output-dir D (--preset P | --model M) [options]\n")
         print(command_help(args.command))
         return
     quiet = [] if args.verbose else ["--log-level", "warning"]  # first, so that a --log-level given wins

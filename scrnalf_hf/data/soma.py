@@ -68,7 +68,7 @@ def _import_tiledbsoma():
 
 def _soma_error(uri: str, what: str, error: Exception) -> ValueError:
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return ValueError(f"{what} of the SOMA experiment {uri}: {message}")
+    return ValueError(f"{what} for the SOMA experiment {uri} ({message}); write it as e.g. \"cell_type == 'B cell'\".")
 
 
 @dataclass(frozen=True)
@@ -411,7 +411,7 @@ def open_soma(
             obs_joinids = np.sort(query.obs_joinids().to_numpy())
             kept_var = np.sort(query.var_joinids().to_numpy())
         except Exception as error:
-            raise _soma_error(uri, "cannot apply --obs-filter / --var-filter", error) from None
+            raise _soma_error(uri, "--obs-filter / --var-filter is not a valid SOMA value filter", error) from None
         if len(obs_joinids) == 0:
             what = f"--obs-filter {obs_filter!r} selects" if obs_filter else "the experiment holds"
             raise ValueError(f"{what} no cells of {uri}; loosen the filter (obs columns: {experiment.obs.schema.names[:20]}).")
