@@ -79,7 +79,7 @@ def _run_sampled(command: list[str], env: dict) -> dict:
     return {"peak_rss_bytes": peak.bytes, "seconds": time.perf_counter() - started, "output_tail": output[-500:]}
 
 
-def measure(stores: list[str], max_steps: int, processes: list[int], output: Path) -> dict:
+def measure(stores: list[str], max_steps: int, processes: list[int], output: Path, stream_processes: list[int]) -> dict:
     import tiledbsoma
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -90,7 +90,7 @@ def measure(stores: list[str], max_steps: int, processes: list[int], output: Pat
         for n_processes in processes:
             # stream: one process per rank, each sampled on its own (RANK / WORLD_SIZE as torchrun sets them)
             stream = []
-            for rank in range(n_processes):
+            for rank in range(n_processes if n_processes in stream_processes else 0):
                 rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(n_processes)}
                 run = _run_sampled([sys.executable, "-c", STREAM, store], rank_env)
                 cells = int(run["output_tail"].split("CELLS ")[1].split()[0])
@@ -103,12 +103,13 @@ def measure(stores: list[str], max_steps: int, processes: list[int], output: Pat
                            "--save-strategy", "no", "--eval-strategy", "no", "--load-best-model-at-end", "false"]
                 pretrain = _run_sampled(command, env)
             row = {"store": store, "n_cells": int(n_cells), "processes": n_processes,
-                   "stream": stream, "stream_peak_rss_bytes_per_process": max(s["peak_rss_bytes"] for s in stream),
+                   "stream": stream,
+                   "stream_peak_rss_bytes_per_process": max((s["peak_rss_bytes"] for s in stream), default=None),
                    "pretrain_peak_rss_bytes_all_processes": pretrain["peak_rss_bytes"], "pretrain_seconds": pretrain["seconds"]}
             results["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "stream"}), flush=True)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(results, indent=2))
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(results, indent=2))  # after every row: a long run keeps what it measured
     return results
 
 
@@ -124,12 +125,14 @@ def main() -> None:
     sub.add_argument("--stores", required=True, help="comma-separated store folders")
     sub.add_argument("--max-steps", type=int, default=100)
     sub.add_argument("--processes", default="1,2")
+    sub.add_argument("--stream-processes", default="1,2", help="process counts whose full-epoch stream is measured too")
     sub.add_argument("--output", required=True)
     args = parser.parse_args()
     if args.command == "write":
         write(args.n_cells, args.n_genes, Path(args.output), args.seed)
     else:
-        measure(args.stores.split(","), args.max_steps, [int(p) for p in args.processes.split(",")], Path(args.output))
+        measure(args.stores.split(","), args.max_steps, [int(p) for p in args.processes.split(",")], Path(args.output),
+                [int(p) for p in args.stream_processes.split(",")])
 
 
 if __name__ == "__main__":
