@@ -138,9 +138,13 @@ class SomaCells:
                 if key not in names:
                     shown = [n for n in names if n != "soma_joinid"][:20]
                     raise ValueError(f"obs column {key!r} is not in the SOMA experiment {self.source.uri} (its columns: {shown}).")
-                table = experiment.obs.read(coords=(self.obs_joinids,), column_names=["soma_joinid", key]).concat()
-            frame = table.to_pandas().set_index("soma_joinid").reindex(self.obs_joinids)
-            self._obs_cache[key] = frame[key].to_numpy()
+                # the whole column, then the chosen cells: a point query of a million soma_joinids held
+                # about 3.5 kB per cell in TileDB (4.6 GB peak at 1,000,000 cells)
+                table = experiment.obs.read(column_names=["soma_joinid", key]).concat()
+            joinids = table["soma_joinid"].to_numpy()
+            order = np.argsort(joinids, kind="stable")
+            values = table[key].to_numpy(zero_copy_only=False) if hasattr(table[key], "to_numpy") else np.asarray(table[key])
+            self._obs_cache[key] = np.asarray(values)[order[np.searchsorted(joinids[order], self.obs_joinids)]]
         return self._obs_cache[key]
 
     def cell_ids(self) -> np.ndarray:
