@@ -138,8 +138,8 @@ class SomaCells:
                 if key not in names:
                     shown = [n for n in names if n != "soma_joinid"][:20]
                     raise ValueError(f"obs column {key!r} is not in the SOMA experiment {self.source.uri} (its columns: {shown}).")
-                # the whole column, then the chosen cells: a point query of a million soma_joinids held
-                # about 3.5 kB per cell in TileDB (4.6 GB peak at 1,000,000 cells)
+                # the whole column once, then the chosen cells by soma_joinid, rather than a TileDB point
+                # query of every chosen soma_joinid (a million coordinates for an atlas)
                 table = experiment.obs.read(column_names=["soma_joinid", key]).concat()
             joinids = table["soma_joinid"].to_numpy()
             order = np.argsort(joinids, kind="stable")
