@@ -132,7 +132,7 @@ def _run_training(args) -> None:
         build_parser().print_help()
         return
     if any(flag in args.extra_args for flag in ("-h", "--help")):
-        print(f"usage: scrnalf {args.command} --train-file F --output-dir D (--preset P | --model M) [options]\n")
+        print(f"usage: scrnalf {args.command} (--train-file F | --soma-uri URI) --output-dir D (--preset P | --model M) [options]\n")
         print(command_help(args.command))
         return
     quiet = [] if args.verbose else ["--log-level", "warning"]  # first, so that a --log-level given wins
@@ -622,6 +622,17 @@ def _add_benchmark(subparsers) -> None:
     sub.add_argument("--compare-cells", type=int, default=100_000, help="a smaller size to compare peak memory with (0: skip)")
     sub.add_argument("--batch-size", type=int, default=512, help="cells per chunk")
     settings["predict"] += ["n_cells", "n_genes", "compare_cells", "batch_size"]
+
+    sub = add("loader", "cells/s that SOMA, an Arrow folder and a backed .h5ad deliver to a training step, beside the "
+                        "preset's own training cells/s (needs the atlas extra)")
+    sub.add_argument("--preset", default="default", help="the preset whose training step is timed")
+    sub.add_argument("--n-cells", type=int, default=20_000, help="simulated cells written to each store")
+    sub.add_argument("--n-genes", type=int, default=2000, help="genes per cell")
+    sub.add_argument("--batch-size", type=int, default=32, help="cells per batch")
+    sub.add_argument("--train-steps", type=int, default=8, help="timed optimiser steps (after one warm-up)")
+    sub.add_argument("--seconds", type=float, default=20.0, help="time budget per source (or one epoch)")
+    sub.add_argument("--workdir", default=None, help="keep the stores here (default: a temporary folder)")
+    settings["loader"] += ["preset", "n_cells", "n_genes", "batch_size", "train_steps", "seconds", "workdir"]
 
     sub = benchmarks.add_parser("report", help="the roadmap targets table from a benchmark folder, into the README",
                                 formatter_class=_Formatter)

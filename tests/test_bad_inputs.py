@@ -1079,6 +1079,61 @@ def _interpret_cases() -> list[Case]:
     ]
 
 
+def soma_store(t: Path, adata: ad.AnnData | None = None) -> Path:
+    """A local SOMA experiment of ``adata`` (default: the 30 good cells) in ``t/store``."""
+    from scrnalf_hf.data.soma import write_soma
+
+    write_soma(cells_adata() if adata is None else adata, t / "store")
+    return t / "store"
+
+
+def _soma_cases() -> list[Case]:
+    """``scrnalf pretrain / finetune --soma-uri`` (TileDB-SOMA streaming) and the stream's API."""
+    if __import__("importlib").util.find_spec("tiledbsoma_ml") is None:
+        return []
+    c = "pretrain"
+
+    def soma(w, t, *extra, store=None, command=c):
+        store = soma_store(t) if store is None else store
+        return cli(command, "--soma-uri", store, "--output-dir", t / "out", *TRAIN, *extra, fresh=[t / "out"])
+
+    def too_many_processes(w, t, mp):
+        from scrnalf_hf.data.soma import open_soma
+
+        cells = open_soma(soma_store(t))
+        mp.setenv("RANK", "0")
+        mp.setenv("WORLD_SIZE", "64")
+        return api(lambda: cells.with_targets(None).select(np.arange(cells.n_cells)))
+
+    return [
+        Case("soma-uri-missing", c, "--soma-uri does not exist",
+             lambda w, t, mp: soma(w, t, store=t / "nope"), "does not exist"),
+        Case("soma-uri-not-an-experiment", c, "--soma-uri is a folder but not a SOMA experiment (a convert folder)",
+             lambda w, t, mp: soma(w, t, store=w.converted), "not a SOMA experiment"),
+        Case("soma-measurement-missing", c, "--measurement names no measurement of the experiment",
+             lambda w, t, mp: soma(w, t, "--measurement", "ATAC"), "ATAC"),
+        Case("soma-obs-filter-no-cells", c, "--obs-filter selects no cells",
+             lambda w, t, mp: soma(w, t, "--obs-filter", "cell_type == 'type9'"), "no cells"),
+        Case("soma-obs-filter-malformed", c, "--obs-filter is not a valid SOMA value filter",
+             lambda w, t, mp: soma(w, t, "--obs-filter", "cell_type =="), "filter"),
+        Case("soma-var-filter-no-genes", c, "--var-filter selects no genes",
+             lambda w, t, mp: soma(w, t, "--var-filter", "var_id == 'CD19'"), "no genes"),
+        Case("soma-layer-missing", c, "--soma-layer names no X layer",
+             lambda w, t, mp: soma(w, t, "--soma-layer", "normalized"), "normalized"),
+        Case("soma-too-little-gene-overlap", c, "--model whose panel shares too few genes with the store's var",
+             lambda w, t, mp: cli(c, "--soma-uri", soma_store(t, variant("other_genes")), "--model", w.masked,
+                                  "--num_train_epochs", "1", "--output-dir", t / "out", fresh=[t / "out"]), "overlap"),
+        Case("soma-and-train-file", c, "both --soma-uri and --train-file",
+             lambda w, t, mp: soma(w, t, "--train-file", w.good), "exactly one source"),
+        Case("soma-filter-without-uri", c, "--obs-filter with --train-file (no SOMA experiment)",
+             lambda w, t, mp: pt(w.good, t, *TRAIN, "--obs-filter", "cell_type == 'type1'"), "--soma-uri"),
+        Case("soma-finetune-label-key-missing", "finetune", "finetune --soma-uri with a --label-key the obs lacks",
+             lambda w, t, mp: soma(w, t, "--label-key", "donor", command="finetune"), "donor"),
+        Case("api-soma-world-size-above-cells", "api", "more processes (WORLD_SIZE 64) than streamed cells (30)",
+             too_many_processes, "processes"),
+    ]
+
+
 CASES: list[Case] = [
     *_convert_cases(),
     *_finetune_cases(),
@@ -1089,6 +1144,7 @@ CASES: list[Case] = [
     *_species_cases(),
     *_trajectory_cases(),
     *_interpret_cases(),
+    *_soma_cases(),
     *_push_cases(),
     *_benchmark_cases(),
     *_presets_cases(),
@@ -1137,7 +1193,7 @@ def leftovers(path: Path) -> list[str]:
 
 # What a command may print on stderr before it fails: its progress bars and its own info lines.
 PROGRESS_OR_INFO = re.compile(r"^(\r?\S[^:]*:\s+\d+%\|.*|converted .* for training|reading .*: \d+/\d+ panel genes.*|"
-                              r"compare: fold .*|dropping \d+ class.*|cell-type classification with .*)$")
+                              r"compare: fold .*|dropping \d+ class.*|cell-type classification with .*|SOMA .*: \d+ cells, .*)$")
 
 
 def one_error_line(lines: list[str], prefix: str) -> bool:

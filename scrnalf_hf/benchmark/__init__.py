@@ -1,13 +1,14 @@
 """Performance benchmarks, each measured in one process next to its baselines (the transformers
 ``BertModel`` peer of the same shape, the project's ``dense`` attention, and an fp32 GEMM roof).
 
-``scrnalf benchmark {inference,train,memory,convert,predict}`` calls :func:`run_benchmark`; each
+``scrnalf benchmark {inference,train,memory,convert,predict,loader}`` calls :func:`run_benchmark`; each
 benchmark writes ``<name>.json``, ``<name>.md`` (the README table) and ``<name>.png`` into an
 output folder.
 """
 
 from .convert import benchmark_convert_run
 from .inference import benchmark_inference
+from .loader import benchmark_loader
 from .memory import benchmark_memory
 from .predict import benchmark_predict
 from .train import benchmark_train
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "memory": benchmark_memory,
     "convert": benchmark_convert_run,
     "predict": benchmark_predict,
+    "loader": benchmark_loader,
 }
 
 
@@ -38,6 +40,7 @@ def run_benchmark(name: str, **settings) -> int:
 __all__ = [
     "benchmark_convert_run",
     "benchmark_inference",
+    "benchmark_loader",
     "benchmark_memory",
     "benchmark_predict",
     "benchmark_train",

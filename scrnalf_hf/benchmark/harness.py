@@ -200,7 +200,7 @@ def forward_flops(config: ScrnaLongformerConfig, attention_type: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-SECTION_ORDER = ("inference", "memory", "train", "convert", "predict")
+SECTION_ORDER = ("inference", "memory", "train", "convert", "predict", "loader")
 
 
 def write_results(output_dir: str | Path, name: str, results: dict, markdown: str) -> Path:

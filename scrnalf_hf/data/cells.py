@@ -106,6 +106,10 @@ class Cells:
         genes = DatasetGenes(processor.gene_symbols, processor.gene_ids, self.genes.input_kind, self.genes.matrix)
         return Cells(mapped, genes, self.name, None, workdir)
 
+    def cell_ids(self) -> np.ndarray:
+        """(n_cells,) each cell's name (the input's ``obs_names``)."""
+        return self.dataset.with_format("numpy")["cell_id"]
+
     def cell_species(self) -> np.ndarray | None:
         """(n_cells,) each cell's species, canonical names (``Homo_sapiens`` -> ``human``), or
         None when the cells carry no species. Read once: every batch of baselines features and
@@ -318,6 +322,8 @@ def panel_matrix(
     loops; normalisation keeps zeros at zero, so the matrix is as sparse as the data.
     """
     rows = np.asarray(rows, dtype=np.int64)
+    if not isinstance(cells, Cells):  # a streamed source (data/soma.py) reads its own rows
+        return cells.panel_matrix(rows, processor, alignment, chunk_size)
     if processor.species is None or alignment is not None:
         if alignment is None:
             alignment = processor.align_genes(cells.genes.gene_symbols, cells.genes.gene_ids)

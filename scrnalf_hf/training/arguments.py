@@ -23,7 +23,25 @@ from .tasks import Task, get_task
 class DataArguments:
     """Which cells to read and how to split them."""
 
-    train_file: str = field(metadata={"help": "an .h5ad file or a folder written by `scrnalf convert`."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "an .h5ad file or a folder written by `scrnalf convert` (or give --soma-uri)."}
+    )
+    soma_uri: str | None = field(
+        default=None,
+        metadata={"help": "stream the cells from a TileDB-SOMA experiment (local folder, s3:// or a Census experiment URI) "
+                  "instead of --train-file; needs pip install 'scrnalf-hf[atlas]'."},
+    )
+    measurement: str = field(default="RNA", metadata={"help": "SOMA measurement holding the genes (--soma-uri)."})
+    soma_layer: str | None = field(
+        default=None, metadata={"help": "SOMA X layer (--soma-uri; default: raw, counts, then data)."}
+    )
+    obs_filter: str | None = field(
+        default=None, metadata={"help": "SOMA value filter choosing the cells, e.g. \"cell_type == 'B cell'\" (--soma-uri)."}
+    )
+    var_filter: str | None = field(
+        default=None,
+        metadata={"help": "SOMA value filter choosing the genes the model may use; library sizes count every gene (--soma-uri)."},
+    )
     label_key: str | None = field(
         default=None, metadata={"help": "obs column with the cell labels (classification)."}
     )

@@ -494,7 +494,7 @@ def split_record(cells: Cells, train_rows, validation_fraction: float, test_rows
     def digest(values) -> str:
         return hashlib.sha256(np.asarray(values, dtype=np.int64).tobytes()).hexdigest()[:16]
 
-    cell_ids = cells.dataset.with_format("numpy")["cell_id"]
+    cell_ids = cells.cell_ids()
     return {
         "seed": int(seed),
         "n_cells": int(cells.n_cells),
@@ -684,12 +684,27 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     overrides = parse_config_overrides(model_args.config_overrides)
     if training_args.process_index == 0:
         check_output_dir(output_dir, overwrite=data_args.overwrite, resume=training_args.resume_from_checkpoint)
-    cells = open_cells(
-        data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
-        label_key=data_args.label_key, name=data_args.dataset_name,
-        species=data_args.species, species_key=data_args.species_key,
-        obs_keys=target_obs_keys(task, target_key, data_args.time_point_key),
-    )
+    if (data_args.train_file is None) == (data_args.soma_uri is None):
+        raise ValueError("give exactly one source of cells: --train-file (.h5ad or convert folder) or --soma-uri (a SOMA experiment).")
+    if data_args.soma_uri is not None:
+        from ..data.soma import open_soma
+
+        cells = open_soma(
+            data_args.soma_uri, measurement=data_args.measurement, layer=data_args.soma_layer,
+            obs_filter=data_args.obs_filter, var_filter=data_args.var_filter, input_kind=data_args.input_kind,
+            name=data_args.dataset_name,
+        )
+        if data_args.layer is not None or data_args.use_raw:
+            raise ValueError("--layer / --use-raw choose an AnnData matrix; for a SOMA experiment name the X layer with --soma-layer.")
+    else:
+        for flag in ("obs_filter", "var_filter", "soma_layer"):
+            if getattr(data_args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} applies to --soma-uri only; drop it or read the cells from a SOMA experiment.")
+        cells = open_cells(
+            data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
+            label_key=data_args.label_key, name=data_args.dataset_name,
+            species=data_args.species, species_key=data_args.species_key, obs_keys=target_obs_keys(task, target_key, data_args.time_point_key),
+        )
     if model_args.model_name_or_path is None:
         cells = with_species_setup(
             cells, species=data_args.species, species_key=data_args.species_key, model_species=data_args.model_species,
@@ -728,6 +743,9 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     held_out = score_held_out(result, CellPart(cells, targets, test_rows)) if len(test_rows) else None
+    evaluation = None
+    if held_out is None and result.trainer.eval_dataset is not None:
+        evaluation = result.trainer.evaluate()  # on every process: its gathers wait for all of them
     if not result.trainer.is_world_process_zero():
         return {}
     baselines = []
@@ -741,7 +759,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     summary = write_run_outputs(
         output_dir, cells, result, held_out, baselines, method=model_args.preset or "pretrained",
         preset=model_args.preset, model_name_or_path=model_args.model_name_or_path,
-        class_weighting=model_args.class_weighting, freeze=model_args.freeze_encoder,
+        class_weighting=model_args.class_weighting, freeze=model_args.freeze_encoder, evaluation=evaluation,
     )
     check_against_baselines(summary)
     return summary

@@ -161,8 +161,13 @@ def write_run_outputs(
     model_name_or_path: str | None,
     class_weighting: str | None,
     freeze: bool,
+    evaluation: dict | None = None,
 ) -> dict:
     """Write the Hub-ready model folder, the run records and the model card (module docstring).
+
+    ``evaluation``: ``trainer.evaluate()`` of the kept model when nothing is held out, computed by
+    every process of a distributed run (its gathers need them all; only the main one writes);
+    evaluated here when not given.
 
     Everything is written into a staging folder inside ``output_dir`` and moved into place,
     the model card last, only when complete (module docstring). Returns the training summary.
@@ -175,7 +180,8 @@ def write_run_outputs(
     try:
         record_writer(staging)
         summary = _write_export(staging, cells, result, held_out, baselines, method=method, preset=preset,
-                                model_name_or_path=model_name_or_path, class_weighting=class_weighting, freeze=freeze)
+                                model_name_or_path=model_name_or_path, class_weighting=class_weighting, freeze=freeze,
+                                evaluation=evaluation)
         write_json(staging / EXPORT_RECORD, {
             "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != WRITER_FILE},
         })
@@ -189,6 +195,7 @@ def write_run_outputs(
 def _write_export(
     output_dir: Path, cells: Cells, result: FitResult, held_out: HeldOutScores | None, baselines: list[dict], *,
     method: str, preset: str | None, model_name_or_path: str | None, class_weighting: str | None, freeze: bool,
+    evaluation: dict | None = None,
 ) -> dict:
     from ..hub.cards import write_model_card
     from ..hub.folder import save_hub_folder
@@ -199,7 +206,8 @@ def _write_export(
     if held_out is not None:
         scores, n_eval = held_out.metrics, len(held_out.rows)
     else:  # nothing held out: the validation cells' scores of the kept model
-        evaluation = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        if evaluation is None:
+            evaluation = trainer.evaluate() if trainer.eval_dataset is not None else {}
         scores = {key.removeprefix("eval_"): value for key, value in evaluation.items() if key.startswith("eval_")}
         n_eval = len(result.validation_rows)
     eval_metrics = {f"eval_{name}": float(scores[name]) for name in task.metric_names if name in scores}
@@ -273,7 +281,7 @@ def _write_export(
 def _species(cells: Cells) -> str | None:
     """The species of the cells, where the dataset records one (``convert --species`` or
     ``--species-key``); None otherwise."""
-    if "species" not in cells.dataset.column_names:
+    if not isinstance(cells, Cells) or "species" not in cells.dataset.column_names:  # SOMA: one species
         return None
     names = sorted(set(map(str, cells.dataset.unique("species"))))
     return ", ".join(names) or None

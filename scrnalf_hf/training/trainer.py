@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
+from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -25,7 +26,7 @@ class TrainingBar(ProgressCallback):
 class ScrnaTrainer(Trainer):
     """Trainer for every scRNA longformer head.
 
-    Five differences from `Trainer`, each for a reason:
+    Six differences from `Trainer`, each for a reason:
 
     - **The loss is the model's.** The heads' losses are means over the batch and take no
       ``num_items_in_batch``, so Trainer scales them for gradient accumulation itself.
@@ -44,6 +45,11 @@ class ScrnaTrainer(Trainer):
     - **Evaluation may batch differently** (``eval_data_collator``): masked gene modelling hides
       new genes in every training epoch but the same genes of a cell in every evaluation, so
       that evaluation losses are comparable between epochs.
+    - **Streamed cells are split once** (datasets with ``shards_itself``, e.g.
+      :class:`~scrnalf_hf.data.soma.SomaCellStream`): ``tiledbsoma_ml`` already gives each rank and
+      DataLoader worker its own cells; accelerate's ``prepare`` would split them again (or send
+      rank 0's cells to every rank), so their DataLoader is built here, unprepared, and Trainer
+      moves each batch to the device as usual.
     - **Quiet unless asked**: below ``--log_level info`` the progress display is one bar over
       the training steps (:class:`TrainingBar`), not a bar per evaluation and a printed
       dictionary per epoch.
@@ -92,6 +98,25 @@ class ScrnaTrainer(Trainer):
         with self._evaluation_batches():
             return super().get_test_dataloader(test_dataset)
 
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+        if not getattr(dataset, "shards_itself", False):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        workers = self.args.dataloader_num_workers
+        batches = dataset.batches(batch_size, shuffle=is_training, seed=self.args.seed, num_workers=workers)
+        return _EpochDataLoader(
+            batches, batch_size=None, collate_fn=self.data_collator, num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory, persistent_workers=False,
+            # tiledbsoma's threads make fork() unsafe (GNU OpenMP aborts); tiledbsoma_ml spawns too
+            multiprocessing_context="spawn" if workers else None,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+        )
+
+    def num_examples(self, dataloader) -> int:
+        stream = getattr(dataloader.dataset, "stream", None)
+        if getattr(stream, "shards_itself", False):
+            return len(stream)  # cells per epoch over every rank, not batches
+        return super().num_examples(dataloader)
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.embedding_lr_multiplier == 1.0 or any(g.get("embedding_group") for g in optimizer.param_groups):
@@ -112,6 +137,13 @@ class ScrnaTrainer(Trainer):
         for group in moved_groups:
             optimizer.add_param_group(group)
         return optimizer
+
+
+class _EpochDataLoader(DataLoader):
+    """A DataLoader that passes Trainer's ``set_epoch`` on to its dataset (a new shuffle per epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
 
 __all__ = ["ScrnaTrainer"]
