@@ -576,8 +576,9 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
     attend to each other and to the gene tokens. Returns the final-normalised fused tokens
     (batch, 1 + P, d): the fused cell embedding first, then one state per protein.
 
-    Proteins the cell lacks (``protein_expression`` None: an RNA-only cell) are all hidden, so a
-    multimodal model still runs on RNA alone.
+    Each protein token starts as its protein embedding, its value encoding (or the mask vector)
+    and the RNA cell embedding. Proteins the cell lacks (``protein_expression`` None: an RNA-only
+    cell) are all hidden, so a multimodal model still runs on RNA alone.
     """
 
     def __init__(self, config: ScrnaLongformerConfig):
@@ -597,8 +598,10 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
         """``gene_mask`` (b, G) bool measured genes; ``hidden_proteins`` (b, P) bool."""
         batch = rna.cell_embedding.shape[0]
         rna_type, protein_type = self.modality_embeddings.weight.unbind(0)
-        proteins = self.protein_embeddings(protein_expression, hidden_proteins, batch) + protein_type
         cell = (rna.cell_embedding + rna_type).unsqueeze(1)  # (b, 1, d)
+        # each protein token starts from the RNA cell embedding: what the cell's RNA says reaches
+        # every protein at full scale, the layers then refine it from the gene tokens
+        proteins = self.protein_embeddings(protein_expression, hidden_proteins, batch) + protein_type + cell
         genes = rna.last_hidden_state[:, 1:] + rna_type  # (b, G, d)
         fused = torch.cat([cell, proteins], dim=1)  # (b, 1 + P, d)
         key_mask = torch.cat([gene_mask.new_ones(batch, fused.shape[1]), gene_mask], dim=1)
@@ -1392,13 +1395,16 @@ class ScrnaLongformerForProteinPrediction(ScrnaLongformerPreTrainedModel):
     """Cross-modal prediction: each cell's protein levels (CLR-normalised, the protein panel of
     ``config.protein_names``) from its RNA, through the fused RNA + protein encoding
     (``ScrnaLongformerCrossModalFusion``): each protein's fused token is regressed to its level
-    by a shared two-layer head plus a per-protein offset.
+    (see the head below).
 
     Trained with a masked-modality objective: the data collator hides some proteins of each
     cell — all of them in a ``config.protein_mask_ratio`` fraction of cells, as at inference —
     (``masked_proteins``), and the loss is the mean squared error over the hidden, measured
     proteins. Without ``protein_expression`` every protein is hidden: the model predicts the
     proteins from RNA alone (RNA-only inference).
+
+    The head: a shared transform of each protein's fused token (linear, GELU, LayerNorm), then
+    that protein's own readout vector and offset.
     """
 
     def __init__(self, config: ScrnaLongformerConfig):
@@ -1412,7 +1418,9 @@ class ScrnaLongformerForProteinPrediction(ScrnaLongformerPreTrainedModel):
         self.fusion = ScrnaLongformerCrossModalFusion(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.protein_head_transform = nn.Linear(config.d_model, config.d_model)
-        self.protein_head = nn.Linear(config.d_model, 1)
+        self.protein_head_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        # per protein: a readout vector of its fused token and an offset
+        self.protein_head = nn.Embedding(config.n_proteins, config.d_model)
         self.protein_head_offset = nn.Embedding(config.n_proteins, 1)
         self.post_init()
 
@@ -1455,8 +1463,8 @@ class ScrnaLongformerForProteinPrediction(ScrnaLongformerPreTrainedModel):
         gene_mask = torch.ones_like(expression, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         fused = self.fusion(outputs, gene_mask, protein_expression, hidden)  # (b, 1 + P, d)
         protein_states = self.dropout(fused[:, 1:])  # (b, P, d)
-        logits = self.protein_head(F.gelu(self.protein_head_transform(protein_states))).squeeze(-1)
-        logits = logits + self.protein_head_offset.weight.squeeze(-1)  # (b, P)
+        transformed = self.protein_head_norm(F.gelu(self.protein_head_transform(protein_states)))
+        logits = (transformed * self.protein_head.weight).sum(-1) + self.protein_head_offset.weight.squeeze(-1)  # (b, P)
         loss = None
         if labels is not None:
             measured = torch.ones_like(hidden) if protein_mask is None else protein_mask.bool()
