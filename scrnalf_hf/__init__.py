@@ -9,6 +9,7 @@ from .configuration_scrnalf import ScrnaLongformerConfig
 from .modeling_scrnalf import (
     ScrnaLongformerForCellClassification,
     ScrnaLongformerForMaskedGeneModeling,
+    ScrnaLongformerForProteinPrediction,
     ScrnaLongformerForTrajectory,
     ScrnaLongformerModel,
     ScrnaLongformerPreTrainedModel,
@@ -36,6 +37,7 @@ __all__ = [
     "ScrnaLongformerConfig",
     "ScrnaLongformerForCellClassification",
     "ScrnaLongformerForMaskedGeneModeling",
+    "ScrnaLongformerForProteinPrediction",
     "ScrnaLongformerForTrajectory",
     "ScrnaLongformerModel",
     "ScrnaLongformerPreTrainedModel",

@@ -17,6 +17,7 @@ GENE_GRAPH_METRICS = ("cosine", "correlation")
 POOLING_TYPES = ("cls", "mean")
 VALUE_ENCODINGS = ("multiplicative", "additive")
 KERNEL_IMPLEMENTATIONS = ("compiled", "eager")
+MODALITIES = ("protein",)
 
 
 @strict
@@ -63,8 +64,19 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             token and a per-species adapter of its gene tokens; the gene panel is a union of
             ortholog groups and species-specific genes (the processor maps each species' genes
             onto it). A single-species model leaves it ``None``.
-        modalities: extra modalities and their feature counts, e.g. ``{"protein": 30}``
-            (reserved for multimodal heads; RNA-only models leave it ``None``).
+        modalities: extra modalities and their feature counts, e.g. ``{"protein": 30}`` (a
+            CITE-seq antibody panel of 30 proteins). A model with a protein modality has a
+            protein-panel vocabulary, a modality-type embedding and ``fusion_depth`` cross-modal
+            layers in which the protein tokens and CLS attend to each other and to the gene
+            tokens (``ScrnaLongformerForProteinPrediction``, and the cell classifier then also
+            reads proteins). RNA-only models leave it ``None``.
+        protein_names: the protein panel's names in model order (length ``modalities["protein"]``),
+            kept for model cards; the processor matches inputs to it.
+        fusion_depth: cross-modal fusion layers of a multimodal model.
+        protein_mask_ratio: in masked-modality training, the fraction of cells whose proteins are
+            all hidden (the model predicts them from RNA alone, as at inference); the other
+            cells have each protein hidden with probability 1/2 (at least one), so the model
+            also learns how proteins inform each other.
         time_conditioning: whether the trajectory head (``ScrnaLongformerForTrajectory``) also
             reads each cell's sampled time point (``time_points``, e.g. the day of collection on a
             scale of about 0–1), encoded by a small learned module and added to the cell embedding
@@ -109,6 +121,9 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     label_smoothing: float | int = 0.0
     species: list[str] | None = None
     modalities: dict[str, int] | None = None
+    protein_names: list[str] | None = None
+    fusion_depth: int = 1
+    protein_mask_ratio: float | int = 0.5
     time_conditioning: bool = False
     target_center: float | int = 0.0
     target_scale: float | int = 1.0
@@ -152,6 +167,21 @@ class ScrnaLongformerConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be > 0 (a standard deviation), got {getattr(self, name)}.")
         if self.species is not None and (not self.species or len(set(self.species)) != len(self.species)):
             raise ValueError(f"species must list distinct species names, got {self.species}.")
+        if self.modalities is not None:
+            unknown = sorted(set(self.modalities) - set(MODALITIES))
+            if unknown:
+                raise ValueError(f"modalities must be among {MODALITIES}, got {unknown}.")
+            if any(int(n) < 1 for n in self.modalities.values()):
+                raise ValueError(f"every modality needs at least one feature, got {self.modalities}.")
+        if self.protein_names is not None and len(self.protein_names) != (self.modalities or {}).get("protein"):
+            raise ValueError(
+                f"protein_names lists {len(self.protein_names)} proteins but modalities={self.modalities}; "
+                "give one name per protein of the panel."
+            )
+        if self.fusion_depth < 1:
+            raise ValueError(f"fusion_depth must be >= 1, got {self.fusion_depth}.")
+        if not 0.0 <= self.protein_mask_ratio <= 1.0:
+            raise ValueError(f"protein_mask_ratio must lie in [0, 1], got {self.protein_mask_ratio}.")
         if self.class_weights is not None and self.id2label is not None:
             if len(self.class_weights) != len(self.id2label):
                 raise ValueError(
@@ -179,6 +209,11 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def n_proteins(self) -> int:
+        """Size P of the protein panel (0 for an RNA-only model)."""
+        return int((self.modalities or {}).get("protein", 0))
 
     @property
     def intermediate_size(self) -> int:

@@ -497,6 +497,151 @@ class ScrnaLongformerEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Second modality: protein tokens and cross-modal fusion (CITE-seq)
+# ---------------------------------------------------------------------------------------------
+
+
+class ScrnaLongformerProteinEmbeddings(nn.Module):
+    """Turns a cell's protein levels into P protein tokens: a protein-panel vocabulary (one
+    learned vector per protein of ``config.protein_names``) plus an encoding of the protein's
+    CLR-normalised level in this cell (a small MLP of the value: CLR values are signed and
+    unbounded, so the value bins of the gene tokens do not fit them). Proteins hidden from the
+    input (masked-modality training, RNA-only inference) or not measured get a learned mask
+    vector instead of their value encoding.
+
+    Input ``protein_expression`` (batch, P) float or None (every protein hidden), ``hidden``
+    (batch, P) bool; output (batch, P, d_model).
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__()
+        self.protein_embeddings = nn.Embedding(config.n_proteins, config.d_model)
+        self.value_input = nn.Linear(1, config.d_model)
+        self.value_output = nn.Linear(config.d_model, config.d_model)
+        self.mask_embedding = nn.Parameter(torch.zeros(config.d_model))
+
+    def forward(self, protein_expression: torch.Tensor | None, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        proteins = self.protein_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)  # (b, P, d)
+        masked = self.mask_embedding.to(proteins.dtype).expand_as(proteins)
+        if protein_expression is None:
+            return proteins + masked
+        values = protein_expression.to(proteins.dtype).unsqueeze(-1)  # (b, P, 1)
+        encoded = self.value_output(F.gelu(self.value_input(values)))  # (b, P, d)
+        return proteins + torch.where(hidden.unsqueeze(-1), masked, encoded)
+
+
+class ScrnaLongformerFusionLayer(nn.Module):
+    """One cross-modal layer (pre-LayerNorm): the fused tokens — the cell token and the P protein
+    tokens — attend to each other and to every measured gene token of the RNA encoder's output,
+    then a feed-forward block; both with residuals. Cost O((1 + P)·(1 + P + G)): linear in the
+    gene panel, the gene tokens are keys only.
+
+    (batch, 1 + P, d) fused tokens, (batch, G, d) gene tokens, (batch, 1 + P + G) bool key mask
+    -> (batch, 1 + P, d).
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__()
+        self.config = config
+        self.query_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.query = nn.Linear(config.d_model, config.d_model)
+        self.key_value = nn.Linear(config.d_model, 2 * config.d_model)
+        self.output = nn.Linear(config.d_model, config.d_model)
+        self.feed_forward_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.feed_forward = ScrnaLongformerFeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, fused: torch.Tensor, genes: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        batch, n_fused, d_model = fused.shape
+        heads = self.config.n_heads
+        normed = self.query_norm(fused)
+        keys = torch.cat([normed, genes], dim=1)  # (b, 1 + P + G, d)
+        query = self.query(normed).view(batch, n_fused, heads, -1).transpose(1, 2)  # (b, h, 1 + P, dh)
+        key, value = self.key_value(keys).view(batch, keys.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p
+        )  # (b, h, 1 + P, dh)
+        context = context.transpose(1, 2).reshape(batch, n_fused, d_model)
+        fused = fused + self.dropout(self.output(context))
+        return fused + self.dropout(self.feed_forward(self.feed_forward_norm(fused)))
+
+
+class ScrnaLongformerCrossModalFusion(nn.Module):
+    """Fuses a cell's RNA encoding with its proteins.
+
+    The RNA encoder's output (gene tokens and the pooled cell embedding) and the protein tokens
+    (``ScrnaLongformerProteinEmbeddings``) each get a modality-type embedding (0 = RNA, 1 =
+    protein); ``config.fusion_depth`` fusion layers then let the cell token and the protein tokens
+    attend to each other and to the gene tokens. Returns the final-normalised fused tokens
+    (batch, 1 + P, d): the fused cell embedding first, then one state per protein.
+
+    Each protein token starts as its protein embedding, its value encoding (or the mask vector)
+    and the RNA cell embedding. Proteins the cell lacks (``protein_expression`` None: an RNA-only
+    cell) are all hidden, so a multimodal model still runs on RNA alone.
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__()
+        self.protein_embeddings = ScrnaLongformerProteinEmbeddings(config)
+        self.modality_embeddings = nn.Embedding(2, config.d_model)
+        self.layers = nn.ModuleList([ScrnaLongformerFusionLayer(config) for _ in range(config.fusion_depth)])
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        rna: "ScrnaLongformerModelOutput",
+        gene_mask: torch.Tensor,
+        protein_expression: torch.Tensor | None,
+        hidden_proteins: torch.Tensor,
+    ) -> torch.Tensor:
+        """``gene_mask`` (b, G) bool measured genes; ``hidden_proteins`` (b, P) bool."""
+        batch = rna.cell_embedding.shape[0]
+        rna_type, protein_type = self.modality_embeddings.weight.unbind(0)
+        cell = (rna.cell_embedding + rna_type).unsqueeze(1)  # (b, 1, d)
+        # each protein token starts from the RNA cell embedding: what the cell's RNA says reaches
+        # every protein at full scale, the layers then refine it from the gene tokens
+        proteins = self.protein_embeddings(protein_expression, hidden_proteins, batch) + protein_type + cell
+        genes = rna.last_hidden_state[:, 1:] + rna_type  # (b, G, d)
+        fused = torch.cat([cell, proteins], dim=1)  # (b, 1 + P, d)
+        key_mask = torch.cat([gene_mask.new_ones(batch, fused.shape[1]), gene_mask], dim=1)
+        for layer in self.layers:
+            fused = layer(fused, genes, key_mask)
+        return self.final_norm(fused)
+
+
+def _check_proteins(
+    config: ScrnaLongformerConfig,
+    expression: torch.Tensor,
+    protein_expression: torch.Tensor | None,
+    protein_mask: torch.Tensor | None,
+    masked_proteins: torch.Tensor | None,
+) -> torch.Tensor:
+    """Validate a multimodal model's protein inputs; returns (batch, P) bool: proteins hidden from
+    the input (every one without ``protein_expression``, and every unmeasured one)."""
+    if not config.n_proteins:
+        if protein_expression is not None or protein_mask is not None or masked_proteins is not None:
+            raise ValueError("protein inputs were given, but this model reads RNA only (config.modalities has no protein).")
+        return None
+    shape = (expression.shape[0], config.n_proteins)
+    for name, tensor in (("protein_expression", protein_expression), ("protein_mask", protein_mask), ("masked_proteins", masked_proteins)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape (batch, n_proteins) = {shape}, got {tuple(tensor.shape)}.")
+    if protein_expression is None:
+        return torch.ones(shape, dtype=torch.bool, device=expression.device)
+    if not protein_expression.is_floating_point():
+        raise TypeError(f"protein_expression must be floating point (CLR values), got {protein_expression.dtype}.")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(protein_expression).all()):
+        raise ValueError("protein_expression contains NaN or infinite values.")
+    hidden = torch.zeros(shape, dtype=torch.bool, device=expression.device)
+    if masked_proteins is not None:
+        hidden = hidden | masked_proteins.bool()
+    if protein_mask is not None:
+        hidden = hidden | ~protein_mask.bool()
+    return hidden
+
+
+# ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
 
@@ -572,6 +717,23 @@ class TrajectoryOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class ProteinPredictionOutput(ModelOutput):
+    """
+    Args:
+        loss: mean squared error between ``logits`` and ``labels`` over the scored proteins
+            (hidden ones, or all measured ones when nothing is hidden); only with ``labels``.
+        logits: (batch, P) predicted CLR-normalised protein levels, panel order.
+        cell_embedding: (batch, d_model), the fused cell embedding (RNA and proteins).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -590,6 +752,7 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
     # heads' weights being reported as unexpected.
     _keys_to_ignore_on_load_unexpected = [
         r"classifier\.", r"prediction_(transform|norm|head)\.", r"mask_embedding", r"regressor\.", r"time_encoder\.",
+        r"fusion\.", r"protein_head\.",
     ]
 
     def _init_weights(self, module):
@@ -618,6 +781,10 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
                 # The identity: species differ only by what they learn.
                 for table in (module.species_embeddings, module.species_scale, module.species_shift):
                     init.zeros_(table.weight)
+        elif isinstance(module, ScrnaLongformerProteinEmbeddings):
+            # unit scale like the gene embeddings: the fusion layers are pre-LayerNorm
+            init.normal_(module.protein_embeddings.weight, mean=0.0, std=1.0)
+            init.normal_(module.mask_embedding, mean=0.0, std=1.0)
         elif isinstance(module, ScrnaLongformerModel):
             init.copy_(module.gene_neighbors, default_gene_neighbors(self.config.n_genes, self.config.knn_k))
 
@@ -1043,11 +1210,16 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
     """Cell classification (or regression) from the cell embedding. The loss follows
     ``config.problem_type`` as in transformers' ``*ForSequenceClassification`` heads: cross-entropy
     (with ``config.class_weights`` and ``config.label_smoothing``), binary cross-entropy per label,
-    or mean squared error."""
+    or mean squared error.
+
+    A multimodal model (``config.modalities`` with a protein panel) classifies from the fused
+    RNA + protein cell embedding (``ScrnaLongformerCrossModalFusion``); cells given without
+    proteins are classified from RNA alone through the same model."""
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__(config)
         self.scrna_longformer = ScrnaLongformerModel(config)
+        self.fusion = ScrnaLongformerCrossModalFusion(config) if config.n_proteins else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
@@ -1061,6 +1233,8 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        protein_expression: torch.Tensor | None = None,
+        protein_mask: torch.Tensor | None = None,
     ) -> CellClassifierOutput | tuple:
         r"""
         Args:
@@ -1068,8 +1242,11 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
             labels: (batch,) int class ids in ``[0, num_labels)`` for single-label classification,
                 (batch, num_labels) float 0/1 for multi-label classification, (batch,) or
                 (batch, num_labels) float targets for regression.
+            protein_expression / protein_mask: (batch, P) CLR protein levels and measured
+                proteins (multimodal models only; see ``ScrnaLongformerForProteinPrediction``).
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        hidden_proteins = _check_proteins(self.config, expression, protein_expression, protein_mask, None)
         outputs = self.scrna_longformer(
             expression,
             attention_mask=attention_mask,
@@ -1078,11 +1255,15 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.classifier(self.dropout(outputs.cell_embedding))  # (b, num_labels)
+        cell_embedding = outputs.cell_embedding  # (b, d)
+        if self.fusion is not None:
+            gene_mask = torch.ones_like(expression, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            cell_embedding = self.fusion(outputs, gene_mask, protein_expression, hidden_proteins)[:, 0]
+        logits = self.classifier(self.dropout(cell_embedding))  # (b, num_labels)
         output = CellClassifierOutput(
             loss=None if labels is None else self._loss(logits, labels),
             logits=logits,
-            cell_embedding=outputs.cell_embedding,
+            cell_embedding=cell_embedding,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -1218,6 +1399,96 @@ class ScrnaLongformerForTrajectory(ScrnaLongformerPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class ScrnaLongformerForProteinPrediction(ScrnaLongformerPreTrainedModel):
+    """Cross-modal prediction: each cell's protein levels (CLR-normalised, the protein panel of
+    ``config.protein_names``) from its RNA, through the fused RNA + protein encoding
+    (``ScrnaLongformerCrossModalFusion``): each protein's fused token is regressed to its level
+    (see the head below).
+
+    Trained with a masked-modality objective: the data collator hides some proteins of each
+    cell — all of them in a ``config.protein_mask_ratio`` fraction of cells, as at inference —
+    (``masked_proteins``), and the loss is the mean squared error over the hidden, measured
+    proteins. Without ``protein_expression`` every protein is hidden: the model predicts the
+    proteins from RNA alone (RNA-only inference).
+
+    The head: a shared transform of each protein's fused token (linear, GELU, LayerNorm), then
+    that protein's own readout vector and offset.
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__(config)
+        if not config.n_proteins:
+            raise ValueError(
+                "ScrnaLongformerForProteinPrediction needs a protein panel: config.modalities={'protein': P} "
+                "(scrnalf finetune --task protein sets it from the data)."
+            )
+        self.scrna_longformer = ScrnaLongformerModel(config)
+        self.fusion = ScrnaLongformerCrossModalFusion(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.protein_head_transform = nn.Linear(config.d_model, config.d_model)
+        self.protein_head_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        # per protein: a readout vector of its fused token and an offset
+        self.protein_head = nn.Embedding(config.n_proteins, config.d_model)
+        self.protein_head_offset = nn.Embedding(config.n_proteins, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        expression: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        protein_expression: torch.Tensor | None = None,
+        protein_mask: torch.Tensor | None = None,
+        masked_proteins: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        species: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ProteinPredictionOutput | tuple:
+        r"""
+        Args:
+            protein_expression: (batch, P) float CLR-normalised protein levels in panel order
+                (the processor's ``protein_expression``); None for RNA-only cells.
+            protein_mask: (batch, P), 1 for proteins the cell's data measured; unmeasured ones
+                are hidden and never scored.
+            masked_proteins: (batch, P) bool, proteins hidden from the input and scored.
+            labels: (batch, P) float true CLR levels; the loss is the mean squared error over the
+                hidden measured proteins (over every measured protein when none is hidden).
+            species: (batch,) species ids (see ``ScrnaLongformerModel.forward``).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        hidden = _check_proteins(self.config, expression, protein_expression, protein_mask, masked_proteins)
+        if labels is not None and tuple(labels.shape) != tuple(hidden.shape):
+            raise ValueError(f"labels must have shape (batch, n_proteins) = {tuple(hidden.shape)}, got {tuple(labels.shape)}.")
+        outputs = self.scrna_longformer(
+            expression,
+            attention_mask=attention_mask,
+            species=species,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        gene_mask = torch.ones_like(expression, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        fused = self.fusion(outputs, gene_mask, protein_expression, hidden)  # (b, 1 + P, d)
+        protein_states = self.dropout(fused[:, 1:])  # (b, P, d)
+        transformed = self.protein_head_norm(F.gelu(self.protein_head_transform(protein_states)))
+        logits = (transformed * self.protein_head.weight).sum(-1) + self.protein_head_offset.weight.squeeze(-1)  # (b, P)
+        loss = None
+        if labels is not None:
+            measured = torch.ones_like(hidden) if protein_mask is None else protein_mask.bool()
+            scored = (hidden if protein_expression is not None else torch.ones_like(hidden)) & measured
+            squared_error = torch.where(scored, (logits - labels.to(logits.dtype)).pow(2), 0.0)
+            loss = squared_error.sum() / scored.sum().clamp(min=1)
+        output = ProteinPredictionOutput(
+            loss=loss,
+            logits=logits,
+            cell_embedding=fused[:, 0],
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
 __all__ = [
     "ATTENTION_FUNCTIONS",
     "ScrnaLongformerPreTrainedModel",
@@ -1225,6 +1496,7 @@ __all__ = [
     "ScrnaLongformerForMaskedGeneModeling",
     "ScrnaLongformerForCellClassification",
     "ScrnaLongformerForTrajectory",
+    "ScrnaLongformerForProteinPrediction",
     "default_gene_neighbors",
     "validate_gene_neighbors",
     "resolve_attention_function",

@@ -18,6 +18,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 INPUT_KINDS = ("counts", "log1p")
+PROTEIN_NORMALIZATIONS = ("clr",)
 # log1p of counts scaled to 10,000 per cell stays below ~9.3; integers far above that are counts.
 _LARGEST_LOG1P = 30.0
 _KIND_NAMES = {"counts": "raw integer counts", "log1p": "log-normalised values (log1p)"}
@@ -232,6 +233,24 @@ def _exact_matches(gene_names: Sequence[str], gene_ids: Sequence[str] | None, ge
     return hits
 
 
+def clr_normalize(counts: np.ndarray, measured: np.ndarray | None = None) -> np.ndarray:
+    """Centred log-ratio of protein counts per cell: ``log1p(x) - mean(log1p(x))`` over the cell's
+    measured proteins; unmeasured ones are 0.
+
+    Args:
+        counts: (n_cells, P) non-negative counts.
+        measured: (P,) or (n_cells, P) bool (all measured by default).
+
+    Returns:
+        (n_cells, P) float32.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    measured = np.ones(counts.shape, dtype=bool) if measured is None else np.broadcast_to(measured, counts.shape)
+    logged = np.where(measured, np.log1p(counts), 0.0)
+    mean = logged.sum(1, keepdims=True) / np.maximum(measured.sum(1, keepdims=True), 1)
+    return np.where(measured, logged - mean, 0.0).astype(np.float32)
+
+
 class ScrnaLongformerProcessor(FeatureExtractionMixin):
     r"""
     Holds a model's gene panel and turns cells into its inputs.
@@ -258,6 +277,14 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         orthologs: where the ortholog pairs came from (table, release, checksum).
         species_report: per species, how many of its genes are shared or specific and how they
             were found in the ortholog table (for the model card).
+        protein_names: the protein panel of a multimodal (CITE-seq) model, in model order
+            (length P; antibody / protein names as the training data spelled them), else None.
+            Proteins of an input are matched to it by name (case-insensitive), never by position.
+        protein_normalization: how protein counts become model values: ``"clr"``, the centred
+            log-ratio per cell over its measured panel proteins,
+            ``log1p(x) - mean(log1p(x))`` (the CITE-seq convention of Stoeckius et al. 2017 and
+            Seurat's ``NormalizeData(method="CLR", margin=2)`` per cell).
+        min_protein_overlap: smallest fraction of the protein panel an input must measure.
     """
 
     model_input_names = ["expression", "attention_mask"]
@@ -278,6 +305,9 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         species_genes: dict | None = None,
         orthologs: dict | None = None,
         species_report: dict | None = None,
+        protein_names: Sequence[str] | None = None,
+        protein_normalization: str = "clr",
+        min_protein_overlap: float = 0.5,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -321,6 +351,19 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         self.species_report = species_report
         if self.species is not None:
             self._check_species_genes()
+        self.protein_names = None if protein_names is None else [str(name) for name in protein_names]
+        if self.protein_names is not None:
+            if not self.protein_names:
+                raise ValueError("protein_names is empty: a multimodal processor needs at least one protein.")
+            repeated = repeated_keys([symbol_match_key(n) for n in self.protein_names])
+            if repeated:
+                raise ValueError(f"duplicate protein names in the panel (case-insensitive): {repeated[:10]}.")
+        if protein_normalization not in PROTEIN_NORMALIZATIONS:
+            raise ValueError(f"protein_normalization must be one of {PROTEIN_NORMALIZATIONS}, got {protein_normalization!r}.")
+        self.protein_normalization = protein_normalization
+        if not 0.0 < float(min_protein_overlap) <= 1.0:
+            raise ValueError(f"min_protein_overlap must lie in (0, 1], got {min_protein_overlap}.")
+        self.min_protein_overlap = float(min_protein_overlap)
 
     def _check_species_genes(self) -> None:
         if len(set(self.species)) != len(self.species) or not self.species:
@@ -627,6 +670,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         matrix_name: str | None = None,
         species: str | None = None,
         alignment: GeneAlignment | None = None,
+        protein_counts=None,
+        protein_names: Sequence[str] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Cells -> model inputs.
@@ -639,6 +684,9 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             species: the cells' species, for a multi-species model (one species per call).
             alignment: these genes' :meth:`align_genes` result, reused across the chunks of one
                 file (checked and reported once, not per chunk).
+            protein_counts / protein_names: a multimodal model's second modality, (n_cells, P_in)
+                raw antibody counts of the same cells in the same order and their names; without
+                them the model reads RNA only (and predicts the proteins).
 
         Returns:
             ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
@@ -698,7 +746,103 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         data = {"expression": expression, "attention_mask": attention_mask}
         if self.species is not None:
             data["species"] = np.full(n_cells, self.species_id(species), dtype=np.int64)
+        if protein_counts is not None:
+            if protein_names is None:
+                raise ValueError("protein_counts need protein_names= (one name per column).")
+            if len(protein_counts) != n_cells:
+                raise ValueError(f"{len(protein_counts)} cells of protein counts for {n_cells} cells of RNA.")
+            data.update(self.proteins(protein_counts, protein_names))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # -----------------------------------------------------------------------------------------
+    # Proteins (multimodal models)
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def n_proteins(self) -> int:
+        return 0 if self.protein_names is None else len(self.protein_names)
+
+    def align_proteins(self, protein_names: Sequence[str], where: str = "the input") -> np.ndarray:
+        """Panel position of each input protein, by name (case-insensitive); -1 for proteins
+        outside the panel.
+
+        Args:
+            protein_names: the input's protein names, in its column order (length P_in).
+
+        Returns:
+            (P_in,) int64 panel positions.
+
+        Raises:
+            ValueError: the processor has no protein panel, the input repeats a name, or it
+                measures less than ``min_protein_overlap`` of the panel.
+        """
+        if self.protein_names is None:
+            raise ValueError("this model has no protein panel; it reads RNA only (train a multimodal model with --task protein).")
+        keys = [symbol_match_key(str(n)) for n in protein_names]
+        repeated = repeated_keys(keys)
+        if repeated:
+            raise ValueError(f"{where} lists proteins more than once: {repeated[:10]}; give each protein once.")
+        panel = {symbol_match_key(n): i for i, n in enumerate(self.protein_names)}
+        positions = np.array([panel.get(k, -1) for k in keys], dtype=np.int64)
+        overlap = int((positions >= 0).sum()) / self.n_proteins
+        if overlap < self.min_protein_overlap:
+            missing = [n for n in self.protein_names if symbol_match_key(n) not in set(keys)]
+            raise ValueError(
+                f"{where} measures {int((positions >= 0).sum())} of the model's {self.n_proteins} panel proteins "
+                f"({overlap:.0%}, below the {self.min_protein_overlap:.0%} needed); missing e.g. {missing[:5]}. "
+                "Check the protein names (the model's are in its processor's protein_names)."
+            )
+        return positions
+
+    def check_proteins(self, values, where: str = "the protein counts") -> None:
+        """Raise ``ValueError`` naming ``where`` for NaN/inf or negative protein counts."""
+        stored = _stored_values(values)
+        if stored.size and not np.isfinite(stored).all():
+            raise ValueError(f"{where} contain NaN or infinite values; give raw antibody counts (ADT) for every cell.")
+        if stored.size and (stored < 0).any():
+            raise ValueError(
+                f"{where} contain negative values (minimum {stored.min():.3g}): they look normalised or centred; "
+                "give raw antibody counts (ADT), the processor normalises them (CLR)."
+            )
+
+    def normalize_proteins(self, counts: np.ndarray, measured: np.ndarray | None = None) -> np.ndarray:
+        """CLR of protein counts per cell: ``log1p(x) - mean over the cell's measured panel
+        proteins of log1p(x)``; unmeasured proteins stay 0.
+
+        Args:
+            counts: (n_cells, P) raw counts in panel order (unmeasured proteins any value).
+            measured: (P,) or (n_cells, P) bool, the proteins the input measured (all by default).
+
+        Returns:
+            (n_cells, P) float32.
+        """
+        self.check_proteins(counts)
+        return clr_normalize(counts, measured)
+
+    def proteins(self, counts, protein_names: Sequence[str], where: str = "the protein counts") -> dict:
+        """Input proteins -> ``protein_expression`` (n_cells, P) float32 CLR values in panel order
+        and ``protein_mask`` (n_cells, P) int64 (1 = measured by the input).
+
+        Args:
+            counts: (n_cells, P_in) raw counts (numpy, scipy sparse or a DataFrame's values).
+            protein_names: the P_in input protein names.
+        """
+        counts = counts.toarray() if _is_sparse(counts) else np.asarray(counts)
+        if counts.ndim != 2 or counts.shape[1] != len(protein_names):
+            raise ValueError(f"{len(protein_names)} protein names for protein counts of shape {counts.shape}.")
+        if counts.shape[1] == 0:
+            raise ValueError(f"{where} have zero proteins; give at least one protein column.")
+        self.check_proteins(counts, where)
+        positions = self.align_proteins(protein_names, where)
+        kept = positions >= 0
+        panel = np.zeros((counts.shape[0], self.n_proteins), dtype=np.float64)
+        panel[:, positions[kept]] = counts[:, kept]
+        measured = np.zeros(self.n_proteins, dtype=bool)
+        measured[positions[kept]] = True
+        return {
+            "protein_expression": self.normalize_proteins(panel, measured),
+            "protein_mask": np.broadcast_to(measured.astype(np.int64), panel.shape).copy(),
+        }
 
     # -----------------------------------------------------------------------------------------
     # Gene graph
@@ -788,4 +932,4 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         return table
 
 
-__all__ = ["ScrnaLongformerProcessor", "GeneAlignment"]
+__all__ = ["ScrnaLongformerProcessor", "GeneAlignment", "clr_normalize"]

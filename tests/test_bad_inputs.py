@@ -1134,6 +1134,94 @@ def _soma_cases() -> list[Case]:
     ]
 
 
+def cite_adata(proteins=None) -> ad.AnnData:
+    """The good 30 cells with 4 proteins in ``obsm["protein_expression"]`` (a DataFrame indexed
+    by the cell ids: anndata itself refuses any other index)."""
+    adata = cells_adata()
+    values = np.arange(120, dtype=np.float32).reshape(30, 4) % 17 if proteins is None else proteins
+    columns = [f"CD{i}" for i in range(np.shape(values)[1])]
+    adata.obsm["protein_expression"] = pd.DataFrame(values, index=adata.obs_names, columns=columns)
+    return adata
+
+
+def h5mu(t: Path, rna: ad.AnnData | None, prot: ad.AnnData | None, name: str = "cells.h5mu") -> Path:
+    import mudata
+
+    modalities = {name: modality for name, modality in (("rna", rna), ("prot", prot)) if modality is not None}
+    path = t / name
+    mudata.MuData(modalities).write_h5mu(path)
+    return path
+
+
+def prot_modality(index=None, n_proteins: int = 4, values=None) -> ad.AnnData:
+    index = pd.Index([f"cell{i}" for i in range(30)]) if index is None else pd.Index(index)
+    values = np.ones((len(index), n_proteins), dtype=np.float32) * 5 if values is None else values
+    return ad.AnnData(values, obs=pd.DataFrame(index=index), var=pd.DataFrame(index=[f"CD{i}" for i in range(n_proteins)]))
+
+
+def _multimodal_cases() -> list[Case]:
+    """RNA + protein (CITE-seq) inputs of ``convert``, ``finetune --task protein`` and the processor."""
+    protein_task = ("--task", "protein", *TRAIN)
+
+    def conv(source, t, *extra):
+        return cli("convert", source, t / "out", "--protein-key", "prot", *extra, fresh=[t / "out"])
+
+    def protein_finetune(make_adata):
+        return lambda w, t, mp: ft(h5(t, make_adata()), t, *protein_task, label=False)
+
+    def nan_proteins():
+        values = np.ones((30, 4), dtype=np.float32)
+        values[3, 1] = np.nan
+        return values
+
+    def too_little_overlap():
+        from scrnalf_hf import ScrnaLongformerProcessor
+
+        panel = ScrnaLongformerProcessor(gene_symbols=["GENE0"], protein_names=[f"CD{i}" for i in range(10)])
+        return lambda: panel.proteins(np.ones((2, 4)), ["CD0", "CD44", "CD45", "CD64"])
+
+    return [
+        Case("convert-h5mu-protein-cell-ids-differ", "convert", ".h5mu whose protein modality has other cell ids",
+             lambda w, t, mp: conv(h5mu(t, cells_adata(), prot_modality([f"cell{i}" for i in range(1, 31)])), t),
+             "cell ids of modality 'prot' differ"),
+        Case("convert-h5mu-protein-ids-positional", "convert",
+             ".h5mu whose protein cells are numbered by position (0, 1, ...) instead of the RNA's ids",
+             lambda w, t, mp: conv(h5mu(t, cells_adata(), prot_modality([str(i) for i in range(30)])), t),
+             "matched by id, never by position"),
+        Case("convert-h5mu-no-rna", "convert", ".h5mu without an RNA modality",
+             lambda w, t, mp: conv(h5mu(t, None, prot_modality()), t), "no RNA modality 'rna'"),
+        Case("convert-h5mu-no-protein-modality", "convert", "--protein-key names no modality of the .h5mu",
+             lambda w, t, mp: conv(h5mu(t, cells_adata(), None), t), "no protein modality 'prot'"),
+        Case("convert-h5mu-zero-proteins", "convert", ".h5mu protein modality with zero proteins",
+             lambda w, t, mp: conv(h5mu(t, cells_adata(), prot_modality(n_proteins=0)), t), "zero protein features"),
+        Case("convert-h5mu-negative-proteins", "convert", ".h5mu protein counts with a negative value",
+             lambda w, t, mp: conv(h5mu(t, cells_adata(), prot_modality(values=-np.ones((30, 4), dtype=np.float32))), t),
+             "negative protein counts"),
+        Case("finetune-protein-obsm-missing", "finetune", "--task protein, no obsm['protein_expression']",
+             lambda w, t, mp: ft(w.good, t, *protein_task, label=False), "no obsm\\['protein_expression'\\]"),
+        Case("finetune-protein-h5mu-ids-reordered-unmatched", "finetune",
+             ".h5mu whose protein cells are reordered and renamed (no id matches the RNA's)",
+             lambda w, t, mp: ft(h5mu(t, cells_adata(), prot_modality([f"barcode{i}" for i in reversed(range(30))])), t,
+                                 *protein_task, label=False), "cell ids of modality 'prot' differ"),
+        Case("finetune-protein-zero-features", "finetune", "obsm protein DataFrame with zero columns",
+             protein_finetune(lambda: cite_adata(proteins=np.zeros((30, 0), dtype=np.float32))), "zero protein features"),
+        Case("finetune-protein-nan", "finetune", "a NaN protein count", protein_finetune(lambda: cite_adata(proteins=nan_proteins())),
+             "NaN"),
+        Case("finetune-protein-negative", "finetune", "negative (CLR-normalised) protein values as counts",
+             protein_finetune(lambda: cite_adata(proteins=np.full((30, 4), -0.5, dtype=np.float32))), "negative protein counts"),
+        Case("finetune-protein-array-without-names", "finetune", "obsm protein array without uns['protein_names']",
+             lambda w, t, mp: ft(h5(t, with_array_proteins(cells_adata())), t, *protein_task, "--protein-key", "adt",
+                                 label=False), "protein_names"),
+        Case("api-protein-panel-overlap-too-small", "api", "proteins overlapping the model's panel too little (1 of 10)",
+             lambda w, t, mp: api(too_little_overlap()), "1 of the model's 10 panel proteins"),
+    ]
+
+
+def with_array_proteins(adata: ad.AnnData) -> ad.AnnData:
+    adata.obsm["adt"] = np.ones((adata.n_obs, 3), dtype=np.float32)
+    return adata
+
+
 CASES: list[Case] = [
     *_convert_cases(),
     *_finetune_cases(),
@@ -1143,6 +1231,7 @@ CASES: list[Case] = [
     *_model_on_anndata_cases("embed"),
     *_species_cases(),
     *_trajectory_cases(),
+    *_multimodal_cases(),
     *_interpret_cases(),
     *_soma_cases(),
     *_push_cases(),

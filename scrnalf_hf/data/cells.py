@@ -72,9 +72,9 @@ class Cells:
         return self.genes.input_kind
 
     def with_targets(self, targets: np.ndarray | None) -> datasets.Dataset:
-        """The rows a collator needs (:data:`CELL_COLUMNS`, and ``species`` and ``time_points``
-        where the cells have them), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
-        columns = list(CELL_COLUMNS) + [c for c in ("species", TIME_POINT_COLUMN) if c in self.dataset.column_names]
+        """The rows a collator needs (:data:`CELL_COLUMNS`, and ``species``, ``time_points`` and
+        ``protein`` where the cells have them), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
+        columns = list(CELL_COLUMNS) + [c for c in ("species", TIME_POINT_COLUMN, "protein") if c in self.dataset.column_names]
         dataset = self.dataset.select_columns(columns)
         if targets is not None:
             if len(targets) != self.n_cells:
@@ -246,8 +246,9 @@ def open_cells(
     progress: bool = True,
     species: str | None = None,
     species_key: str | None = None,
+    protein_key: str | None = None,
 ) -> Cells:
-    """Open cells for training: a ``scrnalf convert`` folder, an ``.h5ad`` file or an AnnData.
+    """Open cells for training: a ``scrnalf convert`` folder, an ``.h5ad`` or ``.h5mu`` file or an AnnData.
 
     Args:
         source: the folder, the file, or an AnnData (in memory or backed).
@@ -260,6 +261,10 @@ def open_cells(
         name: a name for reports.
         species / species_key: the cells' species (one for all) or the ``obs`` column holding
             each cell's, kept as the ``species`` column (cross-species models).
+        protein_key: where the cells' proteins are (CITE-seq): an ``obsm`` key of an AnnData, or
+            the protein modality of a ``.h5mu`` file (whose RNA modality is ``rna``); kept as the
+            ``protein`` column, matched to the RNA by cell id. A folder keeps what it was
+            converted with.
 
     Raises:
         ValueError / FileNotFoundError: unreadable input, bad values, an ``input_kind`` that does
@@ -278,8 +283,19 @@ def open_cells(
         import json
 
         converted_label_key = json.loads((folder / "genes.json").read_text()).get("label_key")
+        if protein_key is not None and genes.protein_names is None:
+            raise ValueError(
+                f"{folder} holds no proteins, but --protein-key {protein_key} was given; convert the input again with "
+                f"--protein-key {protein_key}."
+            )
         cells = Cells(datasets.load_from_disk(str(folder)), genes, name or folder.name, converted_label_key)
         return cells.with_species(species, species_key)
+
+    from .multimodal import is_mudata_path, read_proteins
+
+    if name is None and is_mudata_path(source):
+        name = Path(source).stem
+    source, proteins = read_proteins(source, protein_key)
 
     with open_anndata(source, layer=layer, use_raw=use_raw, require_counts=True) as expression:
         matrix_name = expression.matrix_name
@@ -298,7 +314,7 @@ def open_cells(
     folder = Path(workdir.name) / "cells"
     convert_anndata(
         source, folder, label_key=label_key, obs_keys=present, require_counts=input_kind == "counts",
-        allow_empty_genes=True, progress=progress, species=species, species_key=species_key,
+        allow_empty_genes=True, progress=progress, species=species, species_key=species_key, proteins=proteins,
         **_matrix_arguments(matrix_name),
     )
     if name is None:

@@ -74,6 +74,39 @@ class MaskSampler:
         return torch.zeros_like(measured).scatter_(1, chosen, kept)
 
 
+class ProteinMaskSampler:
+    """Which proteins masked-modality training hides in each cell (the model predicts them).
+
+    A ``whole_ratio`` fraction of cells have every protein hidden — as at inference, where the
+    model reads RNA only — and the others each protein with probability 1/2 (at least one), so
+    that the model also learns from the proteins it is shown. One generator moves on from batch
+    to batch (each DataLoader worker offsets its seed by its worker id).
+    """
+
+    def __init__(self, whole_ratio: float = 0.5, seed: int = 0):
+        if not 0.0 <= whole_ratio <= 1.0:
+            raise ValueError(f"whole_ratio must lie in [0, 1], got {whole_ratio}.")
+        self.whole_ratio = whole_ratio
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, measured: torch.Tensor) -> torch.Tensor:
+        """(batch, P) bool measured proteins -> (batch, P) bool hidden proteins."""
+        if self._generator is None:
+            worker = torch.utils.data.get_worker_info()
+            self._generator = torch.Generator().manual_seed(self.seed + (worker.id if worker is not None else 0))
+        batch, n_proteins = measured.shape
+        whole = torch.rand(batch, generator=self._generator) < self.whole_ratio  # (batch,)
+        some = torch.rand(batch, n_proteins, generator=self._generator) < 0.5
+        # at least one hidden protein per cell: its highest-scoring measured one
+        first = torch.rand(batch, n_proteins, generator=self._generator).masked_fill(~measured, -1.0).argmax(1)
+        some[torch.arange(batch), first] = True
+        return (whole.unsqueeze(1) | some) & measured
+
+
+PROTEIN_MODES = ("none", "inputs", "targets", "masked")
+
+
 class CellCollator:
     """Rows ``{"cell_id", "indices", "values", "library_size"[, "labels"]}`` → model inputs.
 
@@ -87,6 +120,13 @@ class CellCollator:
         species: for a multi-species model, the species the rows' ``species`` names may hold
             (aligned, and so checked, at once; others when first seen); each species' genes are
             aligned to the panel on their own.
+        proteins: what a multimodal model gets of the rows' ``protein`` counts (aligned to the
+            processor's protein panel by name, CLR-normalised): ``"none"``; ``"inputs"``
+            (``protein_expression``, ``protein_mask``: a classifier reading both modalities);
+            ``"targets"`` (only ``protein_mask``: the model predicts the proteins from RNA, as at
+            inference); ``"masked"`` (``protein_expression``, ``protein_mask`` and
+            ``masked_proteins`` drawn by ``protein_masking``: masked-modality training).
+        protein_masking: the sampler of ``"masked"``.
 
     Returns (from ``__call__``):
         ``expression`` (batch, G) float32, ``attention_mask`` (batch, G) int64 (1 = panel gene
@@ -94,7 +134,8 @@ class CellCollator:
         stored (int64 class ids, float32 values) when the rows carry them; with ``masking``,
         ``masked_positions`` (batch, G) bool and ``labels`` (batch, G) float32; for a
         multi-species model ``species`` (batch,) int64; for rows with a ``time_points`` column
-        (a time-conditioned trajectory model) ``time_points`` (batch,) float32.
+        (a time-conditioned trajectory model) ``time_points`` (batch,) float32; the protein
+        inputs above, each (batch, P).
     """
 
     def __init__(
@@ -104,6 +145,8 @@ class CellCollator:
         masking: MaskSampler | None = None,
         normalize: bool = True,
         species: Sequence[str] | None = None,
+        proteins: str = "none",
+        protein_masking: ProteinMaskSampler | None = None,
     ):
         if normalize and genes.input_kind != processor.input_kind:
             raise ValueError(
@@ -130,6 +173,22 @@ class CellCollator:
         self.alignment = next(iter(self.alignments.values()))
         # (G,) per species id
         self._measured = {s: torch.from_numpy(a.measured.astype(np.int64)) for s, a in self.alignments.items()}
+        if proteins not in PROTEIN_MODES:
+            raise ValueError(f"proteins must be one of {PROTEIN_MODES}, got {proteins!r}.")
+        if proteins == "masked" and protein_masking is None:
+            raise ValueError('proteins="masked" needs a protein_masking sampler.')
+        self.proteins = proteins
+        self.protein_masking = protein_masking
+        if proteins != "none":
+            if genes.protein_names is None:
+                raise ValueError(
+                    "this model reads proteins, but the cells have none; give them with --protein-key (an obsm key, or "
+                    "the protein modality of a .h5mu file)."
+                )
+            self.protein_positions = processor.align_proteins(genes.protein_names, "the cells' proteins")  # (P_data,)
+            measured = np.zeros(processor.n_proteins, dtype=bool)
+            measured[self.protein_positions[self.protein_positions >= 0]] = True
+            self.protein_measured = measured  # (P,)
 
     def _species_ids(self, features: Sequence[dict]) -> np.ndarray:
         """(batch,) the model's species id of each row (its ``species`` name)."""
@@ -195,7 +254,28 @@ class CellCollator:
         if self.masking is not None:
             batch["masked_positions"] = self.masking(batch["attention_mask"].bool(), [f["cell_id"] for f in features])
             batch["labels"] = batch["expression"].clone()
+        if self.proteins != "none":
+            batch.update(self.protein_batch(features))
+        return batch
+
+    def protein_batch(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The rows' protein counts densified into the panel, CLR-normalised, as this collator's
+        ``proteins`` mode asks."""
+        from ..processing_scrnalf import clr_normalize
+
+        n_proteins = self.processor.n_proteins
+        counts = np.zeros((len(features), n_proteins), dtype=np.float64)
+        kept = self.protein_positions >= 0
+        if len(features):
+            stored = np.stack([np.asarray(f["protein"], dtype=np.float64) for f in features])  # (batch, P_data)
+            counts[:, self.protein_positions[kept]] = stored[:, kept]
+        measured = torch.from_numpy(np.broadcast_to(self.protein_measured, counts.shape).copy())
+        batch = {"protein_mask": measured.long()}
+        if self.proteins in ("inputs", "masked"):
+            batch["protein_expression"] = torch.from_numpy(clr_normalize(counts, self.protein_measured))
+        if self.proteins == "masked":
+            batch["masked_proteins"] = self.protein_masking(measured)
         return batch
 
 
-__all__ = ["CellCollator", "MaskSampler"]
+__all__ = ["CellCollator", "MaskSampler", "ProteinMaskSampler"]

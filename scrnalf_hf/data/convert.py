@@ -15,6 +15,9 @@ column                    content
                           ``train_sampling_strategy="group_by_length"``)
 ``label``                 ``ClassLabel`` of ``label_key``, if given
 ``species`` / ``batch``   strings, if given
+``protein``               float32 raw protein (antibody) counts of a CITE-seq cell, in the
+                          order of ``genes.json``'s ``protein_names`` (if given; matched to the
+                          RNA cells by id, see :mod:`~scrnalf_hf.data.multimodal`)
 selected ``obs`` columns  under their own names
 ========================  ============================================================
 
@@ -110,12 +113,14 @@ class DatasetGenes:
         input_kind: ``"counts"`` (raw integer counts) or ``"log1p"`` (log-normalised), the
             processor's ``input_kind`` the values suit.
         matrix: where the values came from in the AnnData, e.g. ``"layers['counts']"``.
+        protein_names: the proteins of the ``protein`` column (CITE-seq), in its order, if any.
     """
 
     gene_symbols: list[str]
     gene_ids: list[str] | None
     input_kind: str
     matrix: str
+    protein_names: list[str] | None = None
 
     @property
     def n_genes(self) -> int:
@@ -145,7 +150,9 @@ def dataset_genes(
                 "(or its conversion did not finish)."
             )
         record = json.loads(genes_file.read_text())
-        return DatasetGenes(record["gene_symbols"], record["gene_ids"], record["input_kind"], record["matrix"])
+        return DatasetGenes(
+            record["gene_symbols"], record["gene_ids"], record["input_kind"], record["matrix"], record.get("protein_names")
+        )
     with open_anndata(path, layer, use_raw, require_counts, gene_id_key) as source:
         return DatasetGenes(
             source.gene_symbols, source.gene_ids, "counts" if require_counts else "log1p", source.matrix_name
@@ -180,6 +187,7 @@ class _ConversionPlan:
     require_counts: bool
     chunk_size: int
     features: datasets.Features
+    protein_counts: np.ndarray | None = None  # (n_cells, P) in the source's cell order
 
 
 def _plan_conversion(
@@ -191,6 +199,7 @@ def _plan_conversion(
     batch_key: str | None,
     require_counts: bool,
     chunk_size: int,
+    proteins=None,
 ) -> _ConversionPlan:
     """Checks cells and columns, then fixes the dataset's features (label names included)."""
     if species is not None and species_key is not None:
@@ -226,6 +235,10 @@ def _plan_conversion(
         if key in columns:
             raise ValueError(f"obs column {key!r} would clash with the dataset column of the same name; rename it.")
         columns[key] = _obs_feature(source.obs[key])
+    if proteins is not None:
+        if len(proteins.counts) != source.n_cells:
+            raise ValueError(f"{len(proteins.counts)} cells of proteins ({proteins.source}) for {source.n_cells} RNA cells.")
+        columns["protein"] = datasets.List(datasets.Value("float32"))
     return _ConversionPlan(
         label_key=label_key,
         label_names=label_names,
@@ -236,6 +249,7 @@ def _plan_conversion(
         require_counts=require_counts,
         chunk_size=chunk_size,
         features=datasets.Features(columns),
+        protein_counts=None if proteins is None else proteins.counts,
     )
 
 
@@ -265,6 +279,10 @@ def _cells_table(chunk: sp.csr_matrix, first_row: int, source: ExpressionSource,
         columns[key] = pa.array(
             (values.astype(str) if isinstance(values.dtype, pd.CategoricalDtype) else values).to_numpy()
         )
+    if plan.protein_counts is not None:
+        proteins = np.ascontiguousarray(plan.protein_counts[rows], dtype=np.float32)  # (cells, P)
+        protein_offsets = pa.array(np.arange(0, proteins.size + 1, max(proteins.shape[1], 1), dtype=np.int32))
+        columns["protein"] = pa.ListArray.from_arrays(protein_offsets, pa.array(proteins.reshape(-1)))
     return pa.table(columns)
 
 
@@ -435,6 +453,7 @@ def convert_anndata(
     overwrite: bool = False,
     progress: bool = True,
     card_writer: Callable[[Path, dict], None] | None = None,
+    proteins=None,
 ) -> datasets.Dataset:
     """Converts an AnnData into a ``datasets.Dataset`` folder, one sparse row per cell.
 
@@ -462,6 +481,9 @@ def convert_anndata(
         progress: show a tqdm progress bar.
         card_writer: called as ``card_writer(folder, summary)`` on the finished temporary
             folder before it is renamed into place, to write a dataset card (``README.md``).
+        proteins: a :class:`~scrnalf_hf.data.multimodal.Proteins` of the same cells, rows in
+            the AnnData's cell order (:func:`~scrnalf_hf.data.multimodal.read_proteins`),
+            stored as the ``protein`` column.
 
     Returns:
         The converted dataset, memory-mapped from ``output_dir``.
@@ -495,7 +517,7 @@ def convert_anndata(
     }
     with open_anndata(**source_arguments) as source:
         plan = _plan_conversion(
-            source, label_key, obs_keys, species, species_key, batch_key, require_counts, chunk_size
+            source, label_key, obs_keys, species, species_key, batch_key, require_counts, chunk_size, proteins
         )
         bounds = _shard_bounds(source.n_cells, cells_per_shard, num_proc)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -537,6 +559,9 @@ def convert_anndata(
                 "label_names": plan.label_names,
                 "source": str(source.path) if source.path is not None else "in-memory AnnData",
             }
+            if proteins is not None:
+                summary["protein_names"] = list(proteins.names)
+                summary["protein_source"] = proteins.source
             (staging / GENES_FILE).write_text(json.dumps(summary))
             _write_dataset_metadata(
                 staging,

@@ -64,6 +64,8 @@ def fit_processor(
         else:
             logger.warning("--n-top-genes %d keeps all %d genes of %s.", n_top_genes, genes.n_genes, cells.name)
     arguments = {"input_kind": genes.input_kind, "highly_variable_genes": selection, **_anndata_location(genes.matrix)}
+    if genes.protein_names is not None:  # CITE-seq cells: the panel's proteins are theirs, in their order
+        arguments["protein_names"] = list(genes.protein_names)
     if cells.species_setup is not None:
         from .species import fit_species_processor
 

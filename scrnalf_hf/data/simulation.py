@@ -23,9 +23,25 @@ Generative model, per cell ``c`` and gene ``g`` (natural-log scale ``eta``):
   per-gene log shift of ``species_shift_sd``); a fraction of those orthologs are one-to-many:
   two mouse paralogs that share the programme and split the expression (shares ``p`` and
   ``1 - p``, ``p ~ U(0.3, 0.7)``), so that their sum behaves like a one-to-one ortholog;
+- optional (``n_proteins``): CITE-seq surface proteins, each tied to module genes (see
+  "Proteins" below);
 - mean count ``m = library_size * exp(eta) / sum_g exp(base_log_mean)``; counts are
   negative binomial (gamma–Poisson, inverse dispersion ``nb_theta``), then technical dropout sets
   a count to zero with probability ``dropout / (1 + m)`` (low-expressed genes drop out most).
+
+Proteins (``n_proteins > 0``). Protein ``p`` reads the programme ``x`` (natural-log effect,
+regulator level × edge weight, so it varies continuously from cell to cell) of one module gene
+``protein_gene[p]``, and its log level ``eta_p`` is one of three known functions of it, cycling
+with ``p``: ``linear`` (``1.5 x``), ``switch`` (``3 sigmoid(6 (x - 0.4))``, a steep threshold)
+and ``complex`` (``2 min(x, x')`` with ``x'`` the programme of a second module gene
+``protein_partner_gene[p]``: a heterodimer limited by its scarcer subunit). The first
+``n_state_proteins`` proteins also rise by ``protein_state_log_fold_change`` in cells of a
+hidden state (``obs["protein_state"]``, ``high`` with probability 1/2) that no gene sees, so
+``obs["cell_subtype"]`` (cell type × protein state) is told apart by proteins and not by RNA.
+Counts are gamma–Poisson around ``30 exp(eta) + 5`` (5: ambient antibody background, inverse
+dispersion 20). Stored as ``obsm["protein"]`` (array) with the names in
+``uns["protein_names"]``, as scvi-tools stores CITE-seq proteins. The protein draws come from
+random streams of their own: the RNA of every cell is that of ``n_proteins=0``.
 
 Cells are drawn in fixed blocks of ``_BLOCK_CELLS`` with one random stream per block, so
 :func:`simulate` and :func:`write_simulated_h5ad` give the same cells for the same seed, and
@@ -106,7 +122,10 @@ class SimulationSettings:
         species_shift_sd: standard deviation of the per-gene natural-log shift of a mouse
             ortholog's baseline from its human gene.
         n_proteins: surface proteins measured alongside RNA (``obsm["protein"]``), each tied to
-            one marker gene.
+            module genes by a known function (module docstring, "Proteins").
+        n_state_proteins: proteins that also carry the hidden ``protein_state`` (default: one in
+            eight, at least one).
+        protein_state_log_fold_change: natural-log rise of those proteins in ``high`` cells.
         seed: seed of every random draw.
     """
 
@@ -135,6 +154,8 @@ class SimulationSettings:
     one_to_many_fraction: float = 0.0
     species_shift_sd: float = 0.3
     n_proteins: int = 0
+    n_state_proteins: int | None = None
+    protein_state_log_fold_change: float = 1.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -165,11 +186,17 @@ class SimulationSettings:
             raise ValueError("one_to_many_fraction > 0 needs second_species=True.")
         if self.species_shift_sd < 0:
             raise ValueError(f"species_shift_sd must be non-negative, got {self.species_shift_sd}.")
-        if self.n_proteins > self.markers_per_type * self.n_cell_types:
-            raise ValueError(
-                f"n_proteins={self.n_proteins} exceeds the number of marker genes "
-                f"({self.markers_per_type * self.n_cell_types}) that proteins are tied to."
-            )
+        if self.n_proteins < 0:
+            raise ValueError(f"n_proteins must be non-negative, got {self.n_proteins}.")
+        if self.n_state_proteins is not None and not 0 <= self.n_state_proteins <= self.n_proteins:
+            raise ValueError(f"n_state_proteins must lie in [0, n_proteins={self.n_proteins}], got {self.n_state_proteins}.")
+
+    @property
+    def state_proteins(self) -> int:
+        """Proteins carrying the hidden protein state."""
+        if self.n_state_proteins is not None:
+            return self.n_state_proteins
+        return max(1, self.n_proteins // 8) if self.n_proteins else 0
 
 
 @dataclass(frozen=True)
@@ -194,6 +221,8 @@ class _GenePlan:
     mouse_paralog_of: np.ndarray  # (extra,) int, sorted
     mouse_paralog_base_log_mean: np.ndarray  # (extra,)
     protein_gene: np.ndarray  # (proteins,) human gene index each protein is tied to
+    protein_partner_gene: np.ndarray  # (proteins,) second gene of "complex" proteins, -1 otherwise
+    protein_kind: np.ndarray  # (proteins,) str: linear, switch, complex
     log_normaliser: float  # log of sum_g exp(base_log_mean)
 
 
@@ -247,7 +276,7 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
     unsplit = mouse_base_log_mean[mouse_paralog_of]
     mouse_paralog_base_log_mean = unsplit + np.log1p(-share)
     mouse_base_log_mean[mouse_paralog_of] = unsplit + np.log(share)
-    protein_gene = free_genes[: settings.n_proteins * settings.markers_per_type : settings.markers_per_type]
+    protein_gene, protein_partner_gene, protein_kind = _protein_plan(settings, module, is_regulator)
     branch_slope = _branch_slopes(settings, trajectory_slope)
 
     return _GenePlan(
@@ -267,8 +296,53 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
         mouse_paralog_of=mouse_paralog_of,
         mouse_paralog_base_log_mean=mouse_paralog_base_log_mean,
         protein_gene=protein_gene,
+        protein_partner_gene=protein_partner_gene,
+        protein_kind=protein_kind,
         log_normaliser=float(np.log(np.exp(base_log_mean).sum())),
     )
+
+
+PROTEIN_KINDS = ("linear", "switch", "complex")
+
+
+def _protein_plan(settings: SimulationSettings, module: np.ndarray, is_regulator: np.ndarray):
+    """Each protein's module gene, partner gene (``complex`` proteins) and kind, from a random
+    stream of its own. Protein ``p`` reads a target gene of module ``p mod n_modules`` (its
+    partner one of the next module), so the proteins spread over the modules."""
+    rng = np.random.default_rng([settings.seed, 4])
+    n = settings.n_proteins
+    kinds = np.array([PROTEIN_KINDS[p % len(PROTEIN_KINDS)] for p in range(n)], dtype=object)
+    genes, partners = np.empty(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    for p in range(n):
+        for chosen, m in ((genes, p), (partners, p + 1)):
+            if chosen is partners and kinds[p] != "complex":
+                continue
+            members = np.flatnonzero((module == m % settings.n_modules) & ~is_regulator)
+            if not len(members):
+                members = np.flatnonzero(module == m % settings.n_modules)
+            chosen[p] = rng.choice(members)
+    return genes, partners, kinds
+
+
+def _protein_counts(settings: SimulationSettings, plan: "_GenePlan", program: np.ndarray, block: int):
+    """(cells, proteins) float32 counts and (cells,) bool hidden state of one block's cells."""
+    rng = np.random.default_rng([settings.seed, 5, block])
+    x = program[:, plan.protein_gene].astype(np.float64)  # (cells, proteins)
+    eta = np.empty_like(x)
+    for kind in PROTEIN_KINDS:
+        columns = np.flatnonzero(plan.protein_kind == kind)
+        if kind == "linear":
+            eta[:, columns] = 1.5 * x[:, columns]
+        elif kind == "switch":
+            eta[:, columns] = 3.0 / (1.0 + np.exp(-6.0 * (x[:, columns] - 0.4)))
+        else:
+            partner = program[:, plan.protein_partner_gene[columns]]
+            eta[:, columns] = 2.0 * np.minimum(x[:, columns], partner)
+    state = rng.random(len(x)) < 0.5  # hidden from RNA
+    eta[:, : settings.state_proteins] += settings.protein_state_log_fold_change * state[:, None]
+    mean = 30.0 * np.exp(eta) + 5.0
+    counts = rng.poisson(rng.gamma(20.0, mean / 20.0)).astype(np.float32)
+    return counts, state
 
 
 def _branch_slopes(settings: SimulationSettings, trajectory_slope: np.ndarray) -> np.ndarray:
@@ -374,11 +448,9 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
         wide[species == 1, n_genes:] = counts[species == 1]
         counts = wide
 
-    protein = None
+    protein = protein_state = None
     if settings.n_proteins:
-        gene_level = np.exp(program[:, plan.protein_gene])  # (cells, proteins)
-        protein_mean = 50.0 * gene_level + 5.0
-        protein = rng.poisson(rng.gamma(10.0, protein_mean / 10.0)).astype(np.float32)
+        protein, protein_state = _protein_counts(settings, plan, program[:, :n_genes], block)
 
     obs = {
         "cell_type": pd.Categorical.from_codes(cell_type, [f"type_{t}" for t in range(settings.n_cell_types)]),
@@ -391,6 +463,10 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
         obs["branch"] = pd.Categorical.from_codes(branch, list(BRANCHES))
     if settings.second_species:
         obs["species"] = pd.Categorical.from_codes(species, list(SPECIES))
+    if protein_state is not None:
+        obs["protein_state"] = pd.Categorical.from_codes(protein_state.astype(np.int64), ["low", "high"])
+        subtypes = [f"type_{t}_{s}" for t in range(settings.n_cell_types) for s in ("low", "high")]
+        obs["cell_subtype"] = pd.Categorical.from_codes(2 * cell_type + protein_state, subtypes)
     start = block * _BLOCK_CELLS
     index = pd.Index([f"cell_{i:07d}" for i in range(start, start + n_cells)])
     return _CellBlock(sp.csr_matrix(counts), pd.DataFrame(obs, index=index), protein)
@@ -460,8 +536,11 @@ def _var_and_truth(settings: SimulationSettings, plan: _GenePlan) -> tuple[pd.Da
             "homology": np.where(one_to_many, "one2many", "one2one"),
         }
     if settings.n_proteins:
-        truth["protein_names"] = np.array([f"PROT_{symbols[g]}" for g in plan.protein_gene])
+        truth["protein_names"] = protein_names(plan, symbols)
         truth["protein_genes"] = symbols[plan.protein_gene]
+        truth["protein_partner_genes"] = np.where(plan.protein_partner_gene >= 0, symbols[plan.protein_partner_gene], "")
+        truth["protein_kinds"] = plan.protein_kind.astype(str)
+        truth["protein_state_proteins"] = protein_names(plan, symbols)[: settings.state_proteins]
     if settings.trajectory_shape == "branching":
         # mouse genes (a second species) carry their human ortholog's branch slopes
         human_of = np.arange(n_genes) if not settings.second_species else np.concatenate(
@@ -472,6 +551,11 @@ def _var_and_truth(settings: SimulationSettings, plan: _GenePlan) -> tuple[pd.Da
         truth["branch_point"] = settings.branch_point
     var["module"] = var["module"].astype(np.int64)
     return var, truth
+
+
+def protein_names(plan: "_GenePlan", symbols: np.ndarray) -> np.ndarray:
+    """``PROT<p>_<gene>``: numbered, since two proteins may read the same gene."""
+    return np.array([f"PROT{p:03d}_{symbols[g]}" for p, g in enumerate(plan.protein_gene)])
 
 
 def _block_sizes(n_cells: int) -> list[int]:
@@ -505,7 +589,9 @@ def simulate(n_cells: int = 2000, n_genes: int = 500, *, seed: int = 0, **settin
         (-1 = none), ``is_regulator``, ``marker_of`` (cell type or ""), ``base_log_mean``,
         ``trajectory_slope`` and, for a branching trajectory, ``branch_a_slope`` /
         ``branch_b_slope`` (log change of each branch's genes from the fork to t=1);
-        ``obsm["protein"]``: (n_cells, n_proteins) float32 protein counts when ``n_proteins > 0``;
+        ``obsm["protein"]``: (n_cells, n_proteins) float32 protein counts when ``n_proteins > 0``,
+        their names in ``uns["protein_names"]`` (scvi-tools' layout), and ``obs``
+        ``protein_state`` / ``cell_subtype`` (module docstring, "Proteins");
         ``uns["simulation"]``: the settings, cell types and their proportions, the
         (cell_types, modules) programme, ``regulatory_edges`` (source → target symbols with
         weights) and, when enabled, ``batch_shift`` (batches, genes) natural-log gene shifts,
@@ -525,6 +611,7 @@ def simulate(n_cells: int = 2000, n_genes: int = 500, *, seed: int = 0, **settin
     )
     if config.n_proteins:
         adata.obsm["protein"] = np.concatenate([b.protein for b in blocks])
+        adata.uns["protein_names"] = truth["protein_names"]
     return adata
 
 
@@ -577,7 +664,7 @@ def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int = 2000, *,
         obs = pd.concat(obs_parts)
         write_elem(f, "obs", obs)
         write_elem(f, "var", var)
-        write_elem(f, "uns", {"simulation": truth})
+        write_elem(f, "uns", {"simulation": truth, **({"protein_names": truth["protein_names"]} if protein_parts else {})})
         write_elem(f, "obsm", {"protein": np.concatenate(protein_parts)} if protein_parts else {})
         for empty in ("varm", "obsp", "varp", "layers"):
             write_elem(f, empty, {})

@@ -427,6 +427,30 @@ def _species_section(processor: dict) -> str:
     ])
 
 
+def _modalities_section(processor: dict) -> str:
+    """The card's modalities section of a multimodal model (empty for an RNA-only one): the
+    protein panel and how the processor normalises it."""
+    proteins = processor.get("protein_names")
+    if not proteins:
+        return ""
+    return "\n".join([
+        "",
+        "## Modalities",
+        "",
+        f"Modalities: RNA ({len(processor.get('gene_symbols') or [])}-gene panel) and protein ({len(proteins)} proteins, "
+        "CITE-seq antibody counts).",
+        "",
+        f"- Protein panel: {', '.join(proteins)}.",
+        "- Protein normalisation (processor): centred log-ratio per cell, `log1p(x) - mean(log1p(x))` over the cell's "
+        "measured panel proteins; proteins are matched by name (case-insensitive), and an input must measure at least "
+        f"{float(processor.get('min_protein_overlap', 0.5)):.0%} of the panel.",
+        "- Proteins enter as tokens (panel embedding + value encoding + modality-type embedding) that attend to the gene "
+        "tokens and the cell embedding in cross-modal fusion layers. Cells without proteins run on RNA alone: "
+        "`processor(adata)` without `protein_counts`, or `scrnalf predict` on an RNA-only file.",
+        "",
+    ])
+
+
 def _loading_code(task, repo_id: str, species: list[str] | None = None) -> str:
     """The card's example: load the processor and the head (and its pipeline) by repo id."""
     auto_class = task.auto_class if task is not None else "AutoModel"
@@ -543,7 +567,7 @@ def render_model_card(
         extra_limitations=extra_limitations,
         citation=_citation(model_name),
         loading_code=_loading_code(task, repo_id or f"<org>/{model_name}", processor.get("species")),
-        species_section=_species_section(processor),
+        species_section=_species_section(processor) + _modalities_section(processor),
         pipeline_file=", `pipeline_scrnalf.py`" if task is not None and task.pipeline is not None else "",
         **_compute_cost(run),
     )

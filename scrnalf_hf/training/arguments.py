@@ -56,6 +56,11 @@ class DataArguments:
             "conditions on it (--task trajectory).",
         },
     )
+    protein_key: str | None = field(
+        default=None,
+        metadata={"help": "where the cells' proteins are (CITE-seq): an obsm key, or the protein modality of a .h5mu file "
+                  "(--task protein: default obsm['protein_expression'] / modality 'prot'; classification then reads RNA + proteins)."},
+    )
     layer: str | None = field(default=None, metadata={"help": "AnnData layer to read ('X' for X; default: counts layer, .raw, X)."})
     use_raw: bool = field(default=False, metadata={"help": "read .raw.X."})
     input_kind: str = field(

@@ -191,7 +191,9 @@ def compare(
         rows: list[dict] = []
         row_names = {m: m if m in task.baselines or ensemble == 1 else f"{m}×{ensemble}" for m in method_names}
         n_test = test_side.cells.n_cells
-        predictions = {row_names[m]: np.full(n_test, -1, dtype=np.int64 if targets.names else np.float64) for m in method_names}
+        # (n_test,) per cell, or (n_test, k) for targets of several values per cell (proteins)
+        point_shape = (n_test, *np.shape(targets.values)[1:]) if targets.values is not None else (n_test,)
+        predictions = {row_names[m]: np.full(point_shape, -1, dtype=np.int64 if targets.names else np.float64) for m in method_names}
         if root is not None:
             predictions[DPT] = np.full(n_test, np.nan)
         fold_of_cell = np.full(n_test, -1, dtype=np.int64)

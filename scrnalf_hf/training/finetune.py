@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
 from ..configuration_scrnalf import ScrnaLongformerConfig
 from ..data.cells import Cells, open_cells, panel_matrix
-from ..data.collators import CellCollator, MaskSampler
+from ..data.collators import CellCollator, MaskSampler, ProteinMaskSampler
 from ..data.panel import fit_processor, gene_graph
 from ..data.species import with_species_setup
 from ..data.splits import check_split_sizes, split_off
@@ -78,10 +78,25 @@ def target_key_of(task: Task, arguments) -> str | None:
     return None if task.target_option is None else getattr(arguments, task.target_option, None)
 
 
+def protein_key_of(task: Task, arguments, source) -> str | None:
+    """Where the cells' proteins are: ``--protein-key``, or for the protein task by default the
+    ``prot`` modality of a ``.h5mu`` file, ``obsm["protein_expression"]`` of an AnnData (a
+    converted folder keeps what it was converted with)."""
+    from ..data.multimodal import PROTEIN_MODALITY, PROTEIN_OBSM_KEY, is_mudata_path
+
+    key = getattr(arguments, "protein_key", None)
+    if key is not None or task.name != "protein":
+        return key
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return None
+    return PROTEIN_MODALITY if is_mudata_path(source) else PROTEIN_OBSM_KEY
+
+
 def target_obs_keys(task: Task, key: str | None, time_point_key: str | None = None) -> tuple[str, ...]:
     """``obs`` columns an ``.h5ad`` input's conversion must keep for the task's targets besides
-    the label (classification stores its label column as ``label``), and the time points."""
-    keys = () if key is None or task.target_option == "label_key" else (key,)
+    the label (classification stores its label column as ``label``; the protein task's are
+    the cells' proteins, not an ``obs`` column), and the time points."""
+    keys = () if key is None or task.target_option in ("label_key", "protein_key") else (key,)
     return keys + (() if time_point_key is None else (time_point_key,))
 
 
@@ -107,7 +122,7 @@ def read_targets(task: Task, cells: Cells, key: str | None, min_cells_per_label:
     """The task's targets of ``cells`` (``obs[key]``), checked before any model exists."""
     if task.read_targets is None:
         return no_targets(cells)
-    if task.target_option is not None and key is None:
+    if task.target_option is not None and key is None and task.name != "protein":  # proteins: a default place
         raise ValueError(
             f"--{task.target_option.replace('_', '-')} is required for {task.summary}: the obs column of each cell's target."
         )
@@ -144,6 +159,9 @@ def build_model(
         fields["class_weights"] = class_weights
     if processor.species is not None:
         fields["species"] = processor.species
+    if processor.protein_names is not None and config_uses_proteins(task):
+        fields.setdefault("modalities", {"protein": processor.n_proteins})
+        fields.setdefault("protein_names", list(processor.protein_names))
     if preset is not None:
         config = ScrnaLongformerConfig.from_preset(preset, n_genes=processor.n_genes, **fields)
         model = task.model_class(config)
@@ -152,6 +170,12 @@ def build_model(
         )
         return model
     return task.model_class.from_pretrained(model_name_or_path, ignore_mismatched_sizes=True, **fields)
+
+
+def config_uses_proteins(task: Task) -> bool:
+    """Whether a model of ``task`` reads a protein panel the processor has: the protein task,
+    and cell classification (from RNA and proteins)."""
+    return task.name in ("protein", "classification")
 
 
 def freeze_encoder(model: ScrnaLongformerPreTrainedModel) -> None:
@@ -210,7 +234,18 @@ def make_collator(
     if processor.species is not None:
         names = cells.cell_species()
         species = None if names is None else list(dict.fromkeys(names))
-    return CellCollator(processor, cells.genes, masking=masking, species=species)
+    # a multimodal model: the protein task trains on masked proteins and is scored on RNA alone
+    # (as at inference); a classifier reads both modalities
+    proteins, protein_masking = "none", None
+    if getattr(config, "n_proteins", 0):
+        if task.name == "protein":
+            proteins = "targets" if evaluation else "masked"
+            protein_masking = None if evaluation else ProteinMaskSampler(config.protein_mask_ratio, seed=seed)
+        elif cells.genes.protein_names is not None:
+            proteins = "inputs"
+    return CellCollator(
+        processor, cells.genes, masking=masking, species=species, proteins=proteins, protein_masking=protein_masking
+    )
 
 
 def finetune(
@@ -286,6 +321,12 @@ def finetune(
     class_weights = None
     if class_weighting is not None:
         class_weights = balanced_class_weights(targets.values[inner_train], len(targets.names))
+    protein_names = targets.config.get("protein_names")
+    if model_name_or_path is not None and protein_names is not None and processor.protein_names != protein_names:
+        raise ValueError(
+            f"the model's protein panel ({(processor.protein_names or [])[:5]}...) is not the cells' proteins "
+            f"({protein_names[:5]}...) in the same order; fine-tune a fresh preset on these proteins."
+        )
     model = build_model(
         task, processor, cells, inner_train, targets, preset=preset, model_name_or_path=model_name_or_path,
         config_overrides=config_overrides, class_weights=class_weights,
@@ -704,6 +745,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
             data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
             label_key=data_args.label_key, name=data_args.dataset_name,
             species=data_args.species, species_key=data_args.species_key, obs_keys=target_obs_keys(task, target_key, data_args.time_point_key),
+            protein_key=protein_key_of(task, data_args, data_args.train_file),
         )
     if model_args.model_name_or_path is None:
         cells = with_species_setup(

@@ -105,6 +105,34 @@ def regression_metrics(references: Sequence[float] | np.ndarray, predictions: Se
     return {"spearman": float(spearman), "mae": float(mae)}
 
 
+def protein_metrics(references: np.ndarray, predictions: np.ndarray) -> dict:
+    """Cross-modal prediction scores of (n_cells, P) protein levels (CLR units).
+
+    ``pearson_median``: the median over proteins of the Pearson correlation between true and
+    predicted levels across the cells (proteins constant in either are left out; NaN if every
+    one is); ``rmse``: root mean squared error over every (cell, protein).
+    Plain numpy: ``evaluate``'s ``pearsonr`` module scores one vector, not one correlation per
+    protein column.
+    """
+    references = np.asarray(references, dtype=np.float64)
+    predictions = np.asarray(predictions, dtype=np.float64)
+    if references.shape != predictions.shape or references.ndim != 2:
+        raise ValueError(
+            f"references and predictions must both be (n_cells, n_proteins); got {references.shape} and {predictions.shape}."
+        )
+    if references.shape[0] == 0:
+        raise ValueError("cannot score an empty split: no cells were given.")
+    centred_true = references - references.mean(0)
+    centred_predicted = predictions - predictions.mean(0)
+    denominator = np.sqrt((centred_true**2).sum(0) * (centred_predicted**2).sum(0))  # (P,)
+    valid = denominator > 0
+    pearson = (centred_true * centred_predicted).sum(0)[valid] / denominator[valid]
+    return {
+        "pearson_median": float(np.median(pearson)) if pearson.size else float("nan"),
+        "rmse": float(np.sqrt(np.mean((references - predictions) ** 2))),
+    }
+
+
 def make_compute_metrics(num_labels: int) -> Callable:
     """A ``compute_metrics`` function for `transformers.Trainer`.
 

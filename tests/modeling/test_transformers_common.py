@@ -38,6 +38,7 @@ from scrnalf_hf import (  # noqa: E402
     ScrnaLongformerConfig,
     ScrnaLongformerForCellClassification,
     ScrnaLongformerForMaskedGeneModeling,
+    ScrnaLongformerForProteinPrediction,
     ScrnaLongformerForTrajectory,
     ScrnaLongformerModel,
 )
@@ -72,8 +73,12 @@ class ScrnaLongformerModelTester:
         num_labels=3,
         attention_type="knn",
         kernel_implementation="eager",
+        n_proteins=5,
     ):
         self.parent = parent
+        # a protein panel: the protein head needs one, and the cell classifier then fuses RNA
+        # and proteins, so the common tests cover the multimodal path too
+        self.n_proteins = n_proteins
         self.batch_size = batch_size
         self.n_genes = n_genes
         self.seq_length = n_genes + 1
@@ -96,6 +101,8 @@ class ScrnaLongformerModelTester:
             num_labels=self.num_labels,
             attention_type=self.attention_type,
             kernel_implementation=self.kernel_implementation,
+            modalities={"protein": self.n_proteins},
+            protein_names=[f"PROT{p}" for p in range(self.n_proteins)],
         )
 
     def prepare_config_and_inputs_for_common(self):
@@ -110,6 +117,20 @@ class ScrnaLongformerModelTester:
         masked[:, 1::3] = True
         return masked
 
+    def protein_inputs(self) -> dict:
+        """CLR-like protein levels of every cell, one protein unmeasured in the second cell, and
+        every other protein hidden (masked-modality training)."""
+        protein_mask = torch.ones(self.batch_size, self.n_proteins, dtype=torch.long)
+        protein_mask[1, 0] = 0
+        masked = torch.zeros(self.batch_size, self.n_proteins, dtype=torch.bool)
+        masked[:, ::2] = True
+        return {
+            # fixed values: the mixin compares outputs of inputs prepared twice
+            "protein_expression": torch.randn(self.batch_size, self.n_proteins, generator=torch.Generator().manual_seed(0)),
+            "protein_mask": protein_mask,
+            "masked_proteins": masked,
+        }
+
 
 class ScrnaLongformerCommonTests(ModelTesterMixin):
     """The mixin with our tester; subclasses pick the attention type and kernel implementation."""
@@ -119,6 +140,7 @@ class ScrnaLongformerCommonTests(ModelTesterMixin):
         ScrnaLongformerForMaskedGeneModeling,
         ScrnaLongformerForCellClassification,
         ScrnaLongformerForTrajectory,
+        ScrnaLongformerForProteinPrediction,
     )
     tester_settings: dict = {}
     # The mixin dates a model by a copyright line in its configuration file (we have none) and
@@ -147,10 +169,20 @@ class ScrnaLongformerCommonTests(ModelTesterMixin):
             inputs["masked_positions"] = self.model_tester.masked_positions(inputs["expression"])
             if return_labels:
                 inputs["labels"] = inputs["expression"].clone()
-        elif model_class is ScrnaLongformerForCellClassification and return_labels:
-            inputs["labels"] = torch.zeros(self.model_tester.batch_size, dtype=torch.long)
+        elif model_class is ScrnaLongformerForCellClassification:
+            # a multimodal classifier reads RNA and proteins
+            proteins = self.model_tester.protein_inputs()
+            inputs.update(protein_expression=proteins["protein_expression"], protein_mask=proteins["protein_mask"])
+            if return_labels:
+                inputs["labels"] = torch.zeros(self.model_tester.batch_size, dtype=torch.long)
         elif model_class is ScrnaLongformerForTrajectory and return_labels:
             inputs["labels"] = torch.linspace(0.0, 1.0, self.model_tester.batch_size)
+        elif model_class is ScrnaLongformerForProteinPrediction:
+            inputs.update(self.model_tester.protein_inputs())
+            if return_labels:
+                inputs["labels"] = torch.linspace(-1.0, 1.0, self.model_tester.batch_size * self.model_tester.n_proteins).view(
+                    self.model_tester.batch_size, self.model_tester.n_proteins
+                )
         return inputs
 
     def export_variants(self, config):
