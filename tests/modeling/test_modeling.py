@@ -569,6 +569,7 @@ def test_saved_config_maps_every_auto_class_to_its_head(tmp_path, monkeypatch):
         "AutoModelForMaskedLM": "modeling_scrnalf.ScrnaLongformerForMaskedGeneModeling",
         "AutoModelForSequenceClassification": "modeling_scrnalf.ScrnaLongformerForCellClassification",
         "AutoModelForTimeSeriesPrediction": "modeling_scrnalf.ScrnaLongformerForTrajectory",
+        "AutoModelForTokenClassification": "modeling_scrnalf.ScrnaLongformerForProteinPrediction",
     }
     for model_class in MODEL_CLASSES:
         model_class(small_config()).save_pretrained(tmp_path / model_class.__name__)
