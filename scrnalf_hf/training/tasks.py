@@ -547,9 +547,12 @@ PROTEIN = Task(
     metric_labels={"pearson_median": "Median Pearson r over proteins", "rmse": "RMSE (CLR)"},
     metric_types={"pearson_median": ("pearsonr", "median over proteins"), "rmse": ("rmse", None)},
     card_notes=_protein_notes,
+    # the settings of the committed simulated CITE-seq benchmark (median Pearson 0.852 vs ridge
+    # 0.722, benchmarks/multimodal): a decaying schedule over 6 epochs stopped at 0.729
     recipe=(
         "--learning_rate", "3e-3",
-        "--num_train_epochs", "30",
+        "--num_train_epochs", "10",
+        "--lr_scheduler_type", "constant",
     ),
     embedding_lr_multiplier=10.0,
 )
