@@ -13,7 +13,7 @@ from .collators import CellCollator, MaskSampler
 from .convert import DatasetGenes, convert_anndata, dataset_genes, stream_anndata
 from .orthologs import OrthologTable, build_vocabulary, canonical_species, load_orthologs
 from .panel import fit_processor, gene_graph
-from .simulation import SimulationSettings, simulate, simulate_two_species, write_simulated_h5ad
+from .simulation import SimulationSettings, simulate, simulate_multiome, simulate_two_species, write_simulated_h5ad
 from .species import SpeciesSetup, with_species_setup
 from .splits import cross_validation_folds, split_off
 
@@ -41,6 +41,7 @@ __all__ = [
     "panel_matrix",
     "read_anndata",
     "simulate",
+    "simulate_multiome",
     "simulate_two_species",
     "split_off",
     "stream_anndata",
