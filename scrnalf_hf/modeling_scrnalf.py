@@ -16,9 +16,13 @@ gene. Three interchangeable attention kernels compute this:
 Every way of computing attention is an entry of one registry (``ATTENTION_FUNCTIONS``); the bare
 model picks the entry once per forward and hands it to every layer.
 
+Other modalities join through ``ScrnaLongformerCrossModalFusion``: CITE-seq protein tokens, and
+ATAC peak tokens, which run through the same embeddings and kNN layers over a genomic peak graph
+(``ScrnaLongformerPeakEncoder``: each peak attends to its nearest peaks on its chromosome).
+
 The file reads in the order data flows: gene graph helpers, embeddings, attention kernels and
-their registry, attention, layer, encoder, outputs, the pretrained base class, the bare model,
-then the task heads.
+their registry, attention, layer, encoder, other modalities and fusion, outputs, the pretrained
+base class, the bare model, then the task heads.
 
 This file is copied next to saved weights as remote code: it imports only torch, transformers,
 the Python standard library and the configuration and kernels files beside it.

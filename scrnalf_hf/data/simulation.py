@@ -749,7 +749,8 @@ def simulate_multiome(n_cells: int = 2000, n_genes: int = 500, n_peaks: int = 20
         index=pd.Index(np.asarray(truth["names"])),
     )
     atac = ad.AnnData(X=counts, obs=rna.obs.copy(), var=var)
-    return mudata.MuData({"rna": rna, "atac": atac})
+    with mudata.set_options(pull_on_update=False):  # the modalities keep their own obs / var columns
+        return mudata.MuData({"rna": rna, "atac": atac})
 
 
 def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int = 2000, *, seed: int = 0, **settings) -> Path:
