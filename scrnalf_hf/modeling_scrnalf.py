@@ -536,12 +536,13 @@ class ScrnaLongformerProteinEmbeddings(nn.Module):
 
 class ScrnaLongformerFusionLayer(nn.Module):
     """One cross-modal layer (pre-LayerNorm): the fused tokens — the cell token and the P protein
-    tokens — attend to each other and to every measured gene token of the RNA encoder's output,
-    then a feed-forward block; both with residuals. Cost O((1 + P)·(1 + P + G)): linear in the
-    gene panel, the gene tokens are keys only.
+    tokens — attend to each other and to every measured gene token of the RNA encoder's output
+    (and every measured peak token of the ATAC encoder's), then a feed-forward block; both with
+    residuals. Cost O((1 + P)·(1 + P + K)) for K gene and peak tokens: linear in the gene and peak
+    panels, their tokens are keys only.
 
-    (batch, 1 + P, d) fused tokens, (batch, G, d) gene tokens, (batch, 1 + P + G) bool key mask
-    -> (batch, 1 + P, d).
+    (batch, 1 + P, d) fused tokens, (batch, K, d) gene (then peak) tokens, (batch, 1 + P + K) bool
+    key mask -> (batch, 1 + P, d).
     """
 
     def __init__(self, config: ScrnaLongformerConfig):
@@ -555,11 +556,11 @@ class ScrnaLongformerFusionLayer(nn.Module):
         self.feed_forward = ScrnaLongformerFeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, fused: torch.Tensor, genes: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, fused: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         batch, n_fused, d_model = fused.shape
         heads = self.config.n_heads
         normed = self.query_norm(fused)
-        keys = torch.cat([normed, genes], dim=1)  # (b, 1 + P + G, d)
+        keys = torch.cat([normed, tokens], dim=1)  # (b, 1 + P + K, d)
         query = self.query(normed).view(batch, n_fused, heads, -1).transpose(1, 2)  # (b, h, 1 + P, dh)
         key, value = self.key_value(keys).view(batch, keys.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
         dropout_p = self.config.attention_dropout if self.training else 0.0
@@ -626,9 +627,9 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
     the final-normalised fused tokens (batch, 1 + P, d): the fused cell embedding first, then one
     state per protein (P = 0 without proteins).
 
-    Each protein token starts as its protein embedding, its value encoding (or the mask vector)
-    and the RNA cell embedding. The cell token starts as the RNA cell embedding plus, for cells
-    with ATAC, the ATAC cell embedding. Modalities a cell lacks (``protein_expression`` None,
+    The cell token starts as the RNA cell embedding plus, for cells with ATAC, the ATAC cell
+    embedding; each protein token as its protein embedding, its value encoding (or the mask
+    vector) and the cell token. Modalities a cell lacks (``protein_expression`` None,
     ``peak_mask`` all False or ``peak_accessibility`` None) are hidden, so a multimodal model
     still runs on RNA alone.
     """
@@ -671,8 +672,8 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
         fused = cell
         if self.protein_embeddings is not None:
             protein_type = types[self.modality_types["protein"]]
-            # each protein token starts from the RNA cell embedding: what the cell's RNA says reaches
-            # every protein at full scale, the layers then refine it from the gene tokens
+            # each protein token starts from the cell token: what the cell's RNA (and ATAC) says
+            # reaches every protein at full scale, the layers then refine it from the gene tokens
             proteins = self.protein_embeddings(protein_expression, hidden_proteins, batch) + protein_type + cell
             fused = torch.cat([cell, proteins], dim=1)  # (b, 1 + P, d)
         keys = torch.cat(keys, dim=1)  # (b, G [+ n_peaks], d)
