@@ -7,6 +7,7 @@ model's gene panel, densified per batch, normalised, masked) → model.
 """
 
 from .anndata_io import ExpressionSource, open_anndata, read_anndata
+from .atac import Peaks, build_peak_graph, read_atac
 from .bundled import load_celltypist_sample, load_pbmc68k_reduced
 from .cells import Cells, open_cells, panel_matrix
 from .collators import CellCollator, MaskSampler
@@ -24,8 +25,10 @@ __all__ = [
     "ExpressionSource",
     "MaskSampler",
     "OrthologTable",
+    "Peaks",
     "SimulationSettings",
     "SpeciesSetup",
+    "build_peak_graph",
     "build_vocabulary",
     "canonical_species",
     "convert_anndata",
@@ -40,6 +43,7 @@ __all__ = [
     "open_cells",
     "panel_matrix",
     "read_anndata",
+    "read_atac",
     "simulate",
     "simulate_multiome",
     "simulate_two_species",
