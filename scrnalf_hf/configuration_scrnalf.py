@@ -4,6 +4,7 @@ This file is copied next to saved weights as remote code: it imports only transf
 huggingface_hub, never the rest of ``scrnalf_hf``.
 """
 
+import copy
 import json
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,7 @@ GENE_GRAPH_METRICS = ("cosine", "correlation")
 POOLING_TYPES = ("cls", "mean")
 VALUE_ENCODINGS = ("multiplicative", "additive")
 KERNEL_IMPLEMENTATIONS = ("compiled", "eager")
-MODALITIES = ("protein",)
+MODALITIES = ("protein", "atac")
 
 
 @strict
@@ -70,8 +71,17 @@ class ScrnaLongformerConfig(PreTrainedConfig):
             layers in which the protein tokens and CLS attend to each other and to the gene
             tokens (``ScrnaLongformerForProteinPrediction``, and the cell classifier then also
             reads proteins). RNA-only models leave it ``None``.
+            ``{"atac": 5000}`` adds an ATAC modality of 5,000 peaks: peak tokens (a peak-panel
+            vocabulary, binarised accessibility through the gene tokens' value encoding) run
+            through their own kNN-attention encoder over a peak graph (each peak attends to its
+            ``peak_knn_k`` nearest peaks on the same chromosome, O(peaks·k)), and the fusion
+            layers' cell token also attends to the peak tokens. Cells without ATAC still run.
         protein_names: the protein panel's names in model order (length ``modalities["protein"]``),
             kept for model cards; the processor matches inputs to it.
+        peak_names: the peak panel's names in model order (length ``modalities["atac"]``), e.g.
+            ``"chr1:1000-1500"``.
+        peak_knn_k: width of the peak-neighbour table (neighbours per peak, the peak itself
+            included).
         fusion_depth: cross-modal fusion layers of a multimodal model.
         protein_mask_ratio: in masked-modality training, the fraction of cells whose proteins are
             all hidden (the model predicts them from RNA alone, as at inference); the other
@@ -124,6 +134,8 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     species: list[str] | None = None
     modalities: dict[str, int] | None = None
     protein_names: list[str] | None = None
+    peak_names: list[str] | None = None
+    peak_knn_k: int = 16
     fusion_depth: int = 1
     protein_mask_ratio: float | int = 1.0
     time_conditioning: bool = False
@@ -180,6 +192,13 @@ class ScrnaLongformerConfig(PreTrainedConfig):
                 f"protein_names lists {len(self.protein_names)} proteins but modalities={self.modalities}; "
                 "give one name per protein of the panel."
             )
+        if self.peak_names is not None and len(self.peak_names) != (self.modalities or {}).get("atac"):
+            raise ValueError(
+                f"peak_names lists {len(self.peak_names)} peaks but modalities={self.modalities}; "
+                "give one name per peak of the panel."
+            )
+        if self.peak_knn_k < 1:
+            raise ValueError(f"peak_knn_k must be >= 1, got {self.peak_knn_k}.")
         if self.fusion_depth < 1:
             raise ValueError(f"fusion_depth must be >= 1, got {self.fusion_depth}.")
         if not 0.0 <= self.protein_mask_ratio <= 1.0:
@@ -216,6 +235,19 @@ class ScrnaLongformerConfig(PreTrainedConfig):
     def n_proteins(self) -> int:
         """Size P of the protein panel (0 for an RNA-only model)."""
         return int((self.modalities or {}).get("protein", 0))
+
+    @property
+    def n_peaks(self) -> int:
+        """Size of the ATAC peak panel (0 for a model without ATAC)."""
+        return int((self.modalities or {}).get("atac", 0))
+
+    def peak_encoder_config(self) -> "ScrnaLongformerConfig":
+        """The configuration of the ATAC encoder: this model's width, depth, heads, attention and
+        value encoding, with the peak panel as vocabulary and ``peak_knn_k`` as graph width."""
+        peak_config = copy.deepcopy(self)
+        peak_config.n_genes, peak_config.knn_k = self.n_peaks, self.peak_knn_k
+        peak_config.modalities = peak_config.protein_names = peak_config.peak_names = peak_config.species = None
+        return peak_config
 
     @property
     def intermediate_size(self) -> int:

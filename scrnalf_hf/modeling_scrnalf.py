@@ -16,9 +16,13 @@ gene. Three interchangeable attention kernels compute this:
 Every way of computing attention is an entry of one registry (``ATTENTION_FUNCTIONS``); the bare
 model picks the entry once per forward and hands it to every layer.
 
+Other modalities join through ``ScrnaLongformerCrossModalFusion``: CITE-seq protein tokens, and
+ATAC peak tokens, which run through the same embeddings and kNN layers over a genomic peak graph
+(``ScrnaLongformerPeakEncoder``: each peak attends to its nearest peaks on its chromosome).
+
 The file reads in the order data flows: gene graph helpers, embeddings, attention kernels and
-their registry, attention, layer, encoder, outputs, the pretrained base class, the bare model,
-then the task heads.
+their registry, attention, layer, encoder, other modalities and fusion, outputs, the pretrained
+base class, the bare model, then the task heads.
 
 This file is copied next to saved weights as remote code: it imports only torch, transformers,
 the Python standard library and the configuration and kernels files beside it.
@@ -37,7 +41,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .configuration_scrnalf import ScrnaLongformerConfig
+from .configuration_scrnalf import MODALITIES, ScrnaLongformerConfig
 from .kernels_scrnalf import C_KNN_ATTENTION, AttentionFunction, CompiledFunction, torch_dropout
 
 logger = logging.get_logger(__name__)
@@ -497,7 +501,7 @@ class ScrnaLongformerEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Second modality: protein tokens and cross-modal fusion (CITE-seq)
+# Other modalities: protein tokens (CITE-seq), the ATAC peak encoder, cross-modal fusion
 # ---------------------------------------------------------------------------------------------
 
 
@@ -532,12 +536,13 @@ class ScrnaLongformerProteinEmbeddings(nn.Module):
 
 class ScrnaLongformerFusionLayer(nn.Module):
     """One cross-modal layer (pre-LayerNorm): the fused tokens — the cell token and the P protein
-    tokens — attend to each other and to every measured gene token of the RNA encoder's output,
-    then a feed-forward block; both with residuals. Cost O((1 + P)·(1 + P + G)): linear in the
-    gene panel, the gene tokens are keys only.
+    tokens — attend to each other and to every measured gene token of the RNA encoder's output
+    (and every measured peak token of the ATAC encoder's), then a feed-forward block; both with
+    residuals. Cost O((1 + P)·(1 + P + K)) for K gene and peak tokens: linear in the gene and peak
+    panels, their tokens are keys only.
 
-    (batch, 1 + P, d) fused tokens, (batch, G, d) gene tokens, (batch, 1 + P + G) bool key mask
-    -> (batch, 1 + P, d).
+    (batch, 1 + P, d) fused tokens, (batch, K, d) gene (then peak) tokens, (batch, 1 + P + K) bool
+    key mask -> (batch, 1 + P, d).
     """
 
     def __init__(self, config: ScrnaLongformerConfig):
@@ -551,11 +556,11 @@ class ScrnaLongformerFusionLayer(nn.Module):
         self.feed_forward = ScrnaLongformerFeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, fused: torch.Tensor, genes: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, fused: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         batch, n_fused, d_model = fused.shape
         heads = self.config.n_heads
         normed = self.query_norm(fused)
-        keys = torch.cat([normed, genes], dim=1)  # (b, 1 + P + G, d)
+        keys = torch.cat([normed, tokens], dim=1)  # (b, 1 + P + K, d)
         query = self.query(normed).view(batch, n_fused, heads, -1).transpose(1, 2)  # (b, h, 1 + P, dh)
         key, value = self.key_value(keys).view(batch, keys.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
         dropout_p = self.config.attention_dropout if self.training else 0.0
@@ -567,24 +572,76 @@ class ScrnaLongformerFusionLayer(nn.Module):
         return fused + self.dropout(self.feed_forward(self.feed_forward_norm(fused)))
 
 
-class ScrnaLongformerCrossModalFusion(nn.Module):
-    """Fuses a cell's RNA encoding with its proteins.
+class ScrnaLongformerPeakEncoder(nn.Module):
+    """The ATAC encoder: one token per peak of the peak panel, the same embeddings, kNN-attention
+    layers and pooling as the gene encoder (``config.peak_encoder_config()``), over a peak graph
+    held as the buffer ``peak_neighbors`` (P, peak_knn_k): each peak attends to its nearest peaks
+    on the same chromosome and to its own CLS token, so the cost is O(P·k) time and memory.
 
-    The RNA encoder's output (gene tokens and the pooled cell embedding) and the protein tokens
-    (``ScrnaLongformerProteinEmbeddings``) each get a modality-type embedding (0 = RNA, 1 =
-    protein); ``config.fusion_depth`` fusion layers then let the cell token and the protein tokens
-    attend to each other and to the gene tokens. Returns the final-normalised fused tokens
-    (batch, 1 + P, d): the fused cell embedding first, then one state per protein.
+    Accessibility enters binarised (0 = no fragment in the peak, 1 = at least one) through the
+    gene tokens' value encoding; peaks a cell's data did not measure (``peak_mask`` False, e.g.
+    every peak of a cell without ATAC) are never attended to.
 
-    Each protein token starts as its protein embedding, its value encoding (or the mask vector)
-    and the RNA cell embedding. Proteins the cell lacks (``protein_expression`` None: an RNA-only
-    cell) are all hidden, so a multimodal model still runs on RNA alone.
+    Input ``peak_accessibility`` (batch, P) float 0/1, ``peak_mask`` (batch, P) bool; output a
+    ``ScrnaLongformerModelOutput``: ``last_hidden_state`` (batch, 1 + P, d), CLS first, and the
+    pooled ATAC cell embedding (batch, d).
     """
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__()
-        self.protein_embeddings = ScrnaLongformerProteinEmbeddings(config)
-        self.modality_embeddings = nn.Embedding(2, config.d_model)
+        self.config = config.peak_encoder_config()
+        self.embeddings = ScrnaLongformerEmbeddings(self.config)
+        self.encoder = ScrnaLongformerEncoder(self.config)
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.register_buffer(
+            "peak_neighbors", default_gene_neighbors(config.n_peaks, config.peak_knn_k), persistent=True
+        )
+
+    def set_peak_graph(self, peak_neighbors) -> None:
+        """Replace the peak graph with a ``(P, peak_knn_k)`` neighbour table (-1 = padding), e.g.
+        from ``scrnalf_hf.data.atac.build_peak_graph`` on the peaks' genomic coordinates."""
+        table = torch.as_tensor(peak_neighbors)
+        validate_gene_neighbors(table, self.config.n_genes, self.config.knn_k)
+        self.peak_neighbors.copy_(table.to(device=self.peak_neighbors.device, dtype=torch.long))
+
+    def forward(self, peak_accessibility: torch.Tensor, peak_mask: torch.Tensor) -> "ScrnaLongformerModelOutput":
+        weight = self.embeddings.value_bins.weight
+        attention_function = resolve_attention_function(
+            self.config, weight.device, weight.dtype, self.training, False, self.peak_neighbors.shape[1]
+        )
+        tokens = self.embeddings(peak_accessibility, None, attention_function)  # (b, 1 + P, d)
+        key_mask = torch.cat([peak_mask.new_ones(peak_mask.shape[0], 1), peak_mask], dim=1)  # (b, 1 + P)
+        hidden, _, _ = self.encoder(tokens, self.peak_neighbors, key_mask, attention_function)
+        last_hidden_state, cell_embedding = _pool_and_normalize(self.final_norm, self.config.pooling, hidden, peak_mask)
+        return ScrnaLongformerModelOutput(last_hidden_state=last_hidden_state, cell_embedding=cell_embedding)
+
+
+class ScrnaLongformerCrossModalFusion(nn.Module):
+    """Fuses a cell's RNA encoding with its other modalities (proteins, ATAC peaks).
+
+    The RNA encoder's output (gene tokens and the pooled cell embedding), the protein tokens
+    (``ScrnaLongformerProteinEmbeddings``) and the peak tokens (``ScrnaLongformerPeakEncoder``)
+    each get a modality-type embedding (0 = RNA, then one per entry of ``config.modalities`` in
+    the order protein, atac); ``config.fusion_depth`` fusion layers then let the cell token and
+    the protein tokens attend to each other, to the gene tokens and to the peak tokens. Returns
+    the final-normalised fused tokens (batch, 1 + P, d): the fused cell embedding first, then one
+    state per protein (P = 0 without proteins).
+
+    The cell token starts as the RNA cell embedding plus, for cells with ATAC, the ATAC cell
+    embedding; each protein token as its protein embedding, its value encoding (or the mask
+    vector) and the cell token. Modalities a cell lacks (``protein_expression`` None,
+    ``peak_mask`` all False or ``peak_accessibility`` None) are hidden, so a multimodal model
+    still runs on RNA alone.
+    """
+
+    def __init__(self, config: ScrnaLongformerConfig):
+        super().__init__()
+        self.protein_embeddings = ScrnaLongformerProteinEmbeddings(config) if config.n_proteins else None
+        self.peak_encoder = ScrnaLongformerPeakEncoder(config) if config.n_peaks else None
+        present = [name for name in MODALITIES if name in (config.modalities or {})]
+        # 2 rows for a protein-only model, as before ATAC existed: its checkpoints still load
+        self.modality_types = {name: 1 + index for index, name in enumerate(present)}
+        self.modality_embeddings = nn.Embedding(1 + len(present), config.d_model)
         self.layers = nn.ModuleList([ScrnaLongformerFusionLayer(config) for _ in range(config.fusion_depth)])
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
@@ -593,20 +650,36 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
         rna: "ScrnaLongformerModelOutput",
         gene_mask: torch.Tensor,
         protein_expression: torch.Tensor | None,
-        hidden_proteins: torch.Tensor,
+        hidden_proteins: torch.Tensor | None,
+        peak_accessibility: torch.Tensor | None = None,
+        peak_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``gene_mask`` (b, G) bool measured genes; ``hidden_proteins`` (b, P) bool."""
+        """``gene_mask`` (b, G) bool measured genes; ``hidden_proteins`` (b, P) bool;
+        ``peak_accessibility`` (b, n_peaks) 0/1 and ``peak_mask`` (b, n_peaks) bool, both or neither."""
         batch = rna.cell_embedding.shape[0]
-        rna_type, protein_type = self.modality_embeddings.weight.unbind(0)
-        cell = (rna.cell_embedding + rna_type).unsqueeze(1)  # (b, 1, d)
-        # each protein token starts from the RNA cell embedding: what the cell's RNA says reaches
-        # every protein at full scale, the layers then refine it from the gene tokens
-        proteins = self.protein_embeddings(protein_expression, hidden_proteins, batch) + protein_type + cell
-        genes = rna.last_hidden_state[:, 1:] + rna_type  # (b, G, d)
-        fused = torch.cat([cell, proteins], dim=1)  # (b, 1 + P, d)
-        key_mask = torch.cat([gene_mask.new_ones(batch, fused.shape[1]), gene_mask], dim=1)
+        types = self.modality_embeddings.weight  # (1 + modalities, d)
+        cell = (rna.cell_embedding + types[0]).unsqueeze(1)  # (b, 1, d)
+        keys = [rna.last_hidden_state[:, 1:] + types[0]]  # gene tokens (b, G, d)
+        key_masks = [gene_mask]
+        if self.peak_encoder is not None and peak_accessibility is not None:
+            atac = self.peak_encoder(peak_accessibility, peak_mask)
+            atac_type = types[self.modality_types["atac"]]
+            has_atac = peak_mask.any(dim=1, keepdim=True).unsqueeze(-1)  # (b, 1, 1)
+            # the ATAC summary joins the cell token, so that both modalities reach the head at full scale
+            cell = cell + torch.where(has_atac, (atac.cell_embedding + atac_type).unsqueeze(1), 0.0)
+            keys.append(atac.last_hidden_state[:, 1:] + atac_type)  # peak tokens (b, n_peaks, d)
+            key_masks.append(peak_mask)
+        fused = cell
+        if self.protein_embeddings is not None:
+            protein_type = types[self.modality_types["protein"]]
+            # each protein token starts from the cell token: what the cell's RNA (and ATAC) says
+            # reaches every protein at full scale, the layers then refine it from the gene tokens
+            proteins = self.protein_embeddings(protein_expression, hidden_proteins, batch) + protein_type + cell
+            fused = torch.cat([cell, proteins], dim=1)  # (b, 1 + P, d)
+        keys = torch.cat(keys, dim=1)  # (b, G [+ n_peaks], d)
+        key_mask = torch.cat([gene_mask.new_ones(batch, fused.shape[1]), *key_masks], dim=1)
         for layer in self.layers:
-            fused = layer(fused, genes, key_mask)
+            fused = layer(fused, keys, key_mask)
         return self.final_norm(fused)
 
 
@@ -639,6 +712,38 @@ def _check_proteins(
     if protein_mask is not None:
         hidden = hidden | ~protein_mask.bool()
     return hidden
+
+
+def _check_peaks(
+    config: ScrnaLongformerConfig,
+    expression: torch.Tensor,
+    peak_accessibility: torch.Tensor | None,
+    peak_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Validate a multimodal model's ATAC inputs; returns the (batch, n_peaks) bool mask of
+    measured peaks (all True when only ``peak_accessibility`` is given), or None without ATAC."""
+    if not config.n_peaks:
+        if peak_accessibility is not None or peak_mask is not None:
+            raise ValueError("ATAC inputs were given, but this model reads no peaks (config.modalities has no atac).")
+        return None
+    if peak_accessibility is None:
+        if peak_mask is not None:
+            raise ValueError("peak_mask was given without peak_accessibility; give both, or neither for cells without ATAC.")
+        return None
+    shape = (expression.shape[0], config.n_peaks)
+    for name, tensor in (("peak_accessibility", peak_accessibility), ("peak_mask", peak_mask)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape (batch, n_peaks) = {shape}, got {tuple(tensor.shape)}.")
+    if not peak_accessibility.is_floating_point():
+        raise TypeError(f"peak_accessibility must be floating point (binarised 0/1), got {peak_accessibility.dtype}.")
+    if not torch.compiler.is_compiling() and not bool(((peak_accessibility == 0) | (peak_accessibility == 1)).all()):
+        raise ValueError(
+            "peak_accessibility must be binarised (0 or 1 per peak); binarise fragment counts with "
+            "scrnalf_hf.data.atac.binarize_peaks."
+        )
+    if peak_mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=expression.device)
+    return peak_mask.bool()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,6 +892,8 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.mask_embedding, mean=0.0, std=1.0)
         elif isinstance(module, ScrnaLongformerModel):
             init.copy_(module.gene_neighbors, default_gene_neighbors(self.config.n_genes, self.config.knn_k))
+        elif isinstance(module, ScrnaLongformerPeakEncoder):
+            init.copy_(module.peak_neighbors, default_gene_neighbors(self.config.n_peaks, self.config.peak_knn_k))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:
@@ -1212,14 +1319,14 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
     (with ``config.class_weights`` and ``config.label_smoothing``), binary cross-entropy per label,
     or mean squared error.
 
-    A multimodal model (``config.modalities`` with a protein panel) classifies from the fused
-    RNA + protein cell embedding (``ScrnaLongformerCrossModalFusion``); cells given without
-    proteins are classified from RNA alone through the same model."""
+    A multimodal model (``config.modalities`` with a protein panel and / or ATAC peaks)
+    classifies from the fused cell embedding (``ScrnaLongformerCrossModalFusion``); cells given
+    without proteins or peaks are classified from what they have, through the same model."""
 
     def __init__(self, config: ScrnaLongformerConfig):
         super().__init__(config)
         self.scrna_longformer = ScrnaLongformerModel(config)
-        self.fusion = ScrnaLongformerCrossModalFusion(config) if config.n_proteins else None
+        self.fusion = ScrnaLongformerCrossModalFusion(config) if config.modalities else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
@@ -1235,6 +1342,8 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         return_dict: bool | None = None,
         protein_expression: torch.Tensor | None = None,
         protein_mask: torch.Tensor | None = None,
+        peak_accessibility: torch.Tensor | None = None,
+        peak_mask: torch.Tensor | None = None,
     ) -> CellClassifierOutput | tuple:
         r"""
         Args:
@@ -1244,9 +1353,13 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
                 (batch, num_labels) float targets for regression.
             protein_expression / protein_mask: (batch, P) CLR protein levels and measured
                 proteins (multimodal models only; see ``ScrnaLongformerForProteinPrediction``).
+            peak_accessibility / peak_mask: (batch, n_peaks) binarised (0/1) ATAC accessibility in
+                the peak panel's order and the measured peaks (all False for a cell without ATAC);
+                models with an ``atac`` modality only. None: no cell of the batch has ATAC.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         hidden_proteins = _check_proteins(self.config, expression, protein_expression, protein_mask, None)
+        peak_mask = _check_peaks(self.config, expression, peak_accessibility, peak_mask)
         outputs = self.scrna_longformer(
             expression,
             attention_mask=attention_mask,
@@ -1258,7 +1371,9 @@ class ScrnaLongformerForCellClassification(ScrnaLongformerPreTrainedModel):
         cell_embedding = outputs.cell_embedding  # (b, d)
         if self.fusion is not None:
             gene_mask = torch.ones_like(expression, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            cell_embedding = self.fusion(outputs, gene_mask, protein_expression, hidden_proteins)[:, 0]
+            cell_embedding = self.fusion(
+                outputs, gene_mask, protein_expression, hidden_proteins, peak_accessibility, peak_mask
+            )[:, 0]
         logits = self.classifier(self.dropout(cell_embedding))  # (b, num_labels)
         output = CellClassifierOutput(
             loss=None if labels is None else self._loss(logits, labels),

@@ -1234,6 +1234,67 @@ def with_array_proteins(adata: ad.AnnData) -> ad.AnnData:
     return adata
 
 
+def atac_modality(index=None, peaks=None, values=None, var=None) -> ad.AnnData:
+    """An ATAC modality of the good 30 cells: 4 peaks named chrom:start-end, fragment counts."""
+    index = pd.Index([f"cell{i}" for i in range(30)]) if index is None else pd.Index(index)
+    peaks = [f"chr1:{1000 * p}-{1000 * p + 500}" for p in range(4)] if peaks is None else peaks
+    values = np.ones((len(index), len(peaks)), dtype=np.float32) if values is None else values
+    var = pd.DataFrame(index=pd.Index(peaks, dtype=str)) if var is None else var
+    return ad.AnnData(values, obs=pd.DataFrame(index=index), var=var)
+
+
+def atac_h5mu(t: Path, atac: ad.AnnData | None, name: str = "multiome.h5mu") -> Path:
+    import mudata
+
+    modalities = {"rna": cells_adata(), **({"atac": atac} if atac is not None else {})}
+    path = t / name
+    mudata.MuData(modalities).write_h5mu(path)
+    return path
+
+
+def _atac_cases() -> list[Case]:
+    """RNA + ATAC inputs: ``read_atac`` on a ``.h5mu`` file (protected: it must stay byte-identical)
+    and the multimodal model's peak inputs."""
+
+    def read(make_atac):
+        def build(w, t, mp):
+            from scrnalf_hf.data.atac import read_atac
+
+            path = atac_h5mu(t, make_atac())
+            return api(lambda: read_atac(path), protect=[path])
+
+        return build
+
+    def raw_counts_into_model():
+        import torch
+
+        from scrnalf_hf import ScrnaLongformerConfig, ScrnaLongformerForCellClassification
+
+        config = ScrnaLongformerConfig(n_genes=N_GENES, d_model=8, n_heads=1, depth=1, knn_k=4, modalities={"atac": 4},
+                                       kernel_implementation="eager", num_labels=2)
+        model = ScrnaLongformerForCellClassification(config).eval()
+        return lambda: model(torch.rand(2, N_GENES), peak_accessibility=torch.full((2, 4), 3.0))
+
+    end_before_start = pd.DataFrame({"chrom": ["chr1"] * 4, "start": [500, 900, 2000, 3000], "end": [100, 1400, 2500, 3500]},
+                                    index=[f"peak{p}" for p in range(4)])
+    return [
+        Case("api-atac-zero-peaks", "api", ".h5mu ATAC modality with zero peaks",
+             read(lambda: atac_modality(peaks=[])), "zero peaks"),
+        Case("api-atac-peaks-without-coordinates", "api", "ATAC peaks named peak0..3, no chrom/start/end columns",
+             read(lambda: atac_modality(peaks=[f"peak{p}" for p in range(4)])), "without parseable coordinates"),
+        Case("api-atac-peak-end-before-start", "api", "ATAC var columns with a peak whose end is before its start",
+             read(lambda: atac_modality(peaks=list(end_before_start.index), var=end_before_start)), "end <= start"),
+        Case("api-atac-no-atac-modality", "api", ".h5mu with RNA only, read as RNA + ATAC",
+             read(lambda: None), "no ATAC modality 'atac'"),
+        Case("api-atac-cell-ids-differ", "api", ".h5mu whose ATAC cells are numbered by position (0, 1, ...)",
+             read(lambda: atac_modality(index=[str(i) for i in range(30)])), "cell ids of modality 'atac' differ"),
+        Case("api-atac-negative-counts", "api", "negative ATAC fragment counts",
+             read(lambda: atac_modality(values=-np.ones((30, 4), dtype=np.float32))), "negative values"),
+        Case("api-atac-raw-counts-into-model", "api", "fragment counts (not binarised) as peak_accessibility",
+             lambda w, t, mp: api(raw_counts_into_model()), "binarised"),
+    ]
+
+
 CASES: list[Case] = [
     *_convert_cases(),
     *_finetune_cases(),
@@ -1244,6 +1305,7 @@ CASES: list[Case] = [
     *_species_cases(),
     *_trajectory_cases(),
     *_multimodal_cases(),
+    *_atac_cases(),
     *_interpret_cases(),
     *_soma_cases(),
     *_push_cases(),

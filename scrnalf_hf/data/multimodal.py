@@ -73,7 +73,8 @@ def _check_counts(counts: np.ndarray, names: list[str], where: str) -> np.ndarra
 
 
 def _match_cells(rna_ids: pd.Index, protein_ids: pd.Index, where: str) -> np.ndarray:
-    """Row of each RNA cell in the protein rows, by cell id; any id not shared is an error."""
+    """Row of each RNA cell in the other modality's rows (proteins, peaks), by cell id; any id not
+    shared is an error."""
     rna_ids, protein_ids = pd.Index(rna_ids.astype(str)), pd.Index(protein_ids.astype(str))
     for name, ids in (("the RNA", rna_ids), (where, protein_ids)):
         if ids.has_duplicates:
@@ -81,8 +82,8 @@ def _match_cells(rna_ids: pd.Index, protein_ids: pd.Index, where: str) -> np.nda
     only_rna, only_protein = rna_ids.difference(protein_ids), protein_ids.difference(rna_ids)
     if len(only_rna) or len(only_protein):
         raise ValueError(
-            f"the cell ids of {where} differ from the RNA's: {len(only_rna)} RNA cell(s) without proteins (e.g. "
-            f"{list(only_rna[:3])}), {len(only_protein)} protein row(s) of no RNA cell (e.g. {list(only_protein[:3])}); "
+            f"the cell ids of {where} differ from the RNA's: {len(only_rna)} RNA cell(s) missing from it (e.g. "
+            f"{list(only_rna[:3])}), {len(only_protein)} row(s) of no RNA cell (e.g. {list(only_protein[:3])}); "
             "cells are matched by id, never by position: give both modalities the same cell ids (obs_names)."
         )
     return protein_ids.get_indexer(rna_ids)
@@ -125,9 +126,8 @@ def proteins_from_modality(modality, rna_ids: pd.Index, name: str) -> Proteins:
     return Proteins(names, _check_counts(counts[rows], names, where), where)
 
 
-def read_mudata(path, protein_modality: str | None = PROTEIN_MODALITY, rna_modality: str = RNA_MODALITY):
-    """``(rna AnnData, Proteins or None)`` of a ``.h5mu`` file; the protein modality is read when
-    ``protein_modality`` is given (its absence is then an error)."""
+def read_h5mu(path, rna_modality: str = RNA_MODALITY):
+    """``(MuData, rna AnnData)`` of a ``.h5mu`` file; a missing or gene-less RNA modality is an error."""
     import mudata
 
     path = Path(path)
@@ -145,6 +145,13 @@ def read_mudata(path, protein_modality: str | None = PROTEIN_MODALITY, rna_modal
     rna = mdata.mod[rna_modality]
     if rna.n_vars == 0:
         raise ValueError(f"modality {rna_modality!r} of {path} has zero genes.")
+    return mdata, rna
+
+
+def read_mudata(path, protein_modality: str | None = PROTEIN_MODALITY, rna_modality: str = RNA_MODALITY):
+    """``(rna AnnData, Proteins or None)`` of a ``.h5mu`` file; the protein modality is read when
+    ``protein_modality`` is given (its absence is then an error)."""
+    mdata, rna = read_h5mu(path, rna_modality)
     proteins = None
     if protein_modality is not None:
         if protein_modality not in mdata.mod:

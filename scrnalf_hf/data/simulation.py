@@ -25,6 +25,8 @@ Generative model, per cell ``c`` and gene ``g`` (natural-log scale ``eta``):
   ``1 - p``, ``p ~ U(0.3, 0.7)``), so that their sum behaves like a one-to-one ortholog;
 - optional (``n_proteins``): CITE-seq surface proteins, each tied to module genes (see
   "Proteins" below);
+- optional (``n_peaks``): ATAC peaks placed near genes whose programme drives their
+  accessibility (see "ATAC peaks" below);
 - mean count ``m = library_size * exp(eta) / sum_g exp(base_log_mean)``; counts are
   negative binomial (gamma–Poisson, inverse dispersion ``nb_theta``), then technical dropout sets
   a count to zero with probability ``dropout / (1 + m)`` (low-expressed genes drop out most).
@@ -42,6 +44,20 @@ Counts are gamma–Poisson around ``30 exp(eta) + 5`` (5: ambient antibody backg
 dispersion 20). Stored as ``obsm["protein"]`` (array) with the names in
 ``uns["protein_names"]``, as scvi-tools stores CITE-seq proteins. The protein draws come from
 random streams of their own: the RNA of every cell is that of ``n_proteins=0``.
+
+ATAC peaks (``n_peaks > 0``). Genes lie on ``N_CHROMOSOMES`` chromosomes (``chr1`` ...), gene
+starts ``gene_spacing`` bases apart in a random order. Each peak sits near one gene
+(``peak_gene``): ``atac_driven_fraction`` of the peaks are *driven*, near a gene with a
+programme (module or marker gene), the others are background peaks near any gene. Peaks of one
+gene alternate downstream / upstream of its start, 3 kb apart, 500 bases wide. A peak is open
+in a cell with probability ``sigmoid(b_p + a_p x + log capture_c + e)``: ``x`` the programme of
+its gene in that cell (``a_p = 0`` for background peaks, ``U(1.5, 3)`` for driven ones),
+``b_p = logit(U(0.05, 0.3))``, a per-cell capture efficiency (log-normal, sd 0.3) and noise
+``e ~ N(0, 0.5)``; an open peak has 1 + Poisson(0.3) fragments. Stored as ``obsm["atac"]`` (CSR
+fragment counts) with the names (``chr1:1000-1500``) in ``uns["peak_names"]``; the ground truth
+(coordinates, gene, driven, slope) in ``uns["simulation"]["peaks"]``. Random streams of their
+own: the RNA is that of ``n_peaks=0``. :func:`simulate_multiome` gives a MuData with ``rna`` and
+``atac`` modalities.
 
 Cells are drawn in fixed blocks of ``_BLOCK_CELLS`` with one random stream per block, so
 :func:`simulate` and :func:`write_simulated_h5ad` give the same cells for the same seed, and
@@ -71,6 +87,9 @@ _BLOCK_CELLS = 4096
 SPECIES = ("human", "mouse")
 TRAJECTORY_SHAPES = ("linear", "branching")
 BRANCHES = ("stem", "branch_a", "branch_b")
+N_CHROMOSOMES = 5
+PEAK_WIDTH = 500
+PEAK_STEP = 3000  # bases between successive peaks of one gene
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,9 @@ class SimulationSettings:
         n_state_proteins: proteins that also carry the hidden ``protein_state`` (default: one in
             eight, at least one).
         protein_state_log_fold_change: natural-log rise of those proteins in ``high`` cells.
+        n_peaks: ATAC peaks measured alongside RNA (``obsm["atac"]``; module docstring, "ATAC
+            peaks").
+        atac_driven_fraction: fraction of the peaks whose accessibility follows their gene.
         seed: seed of every random draw.
     """
 
@@ -156,6 +178,8 @@ class SimulationSettings:
     n_proteins: int = 0
     n_state_proteins: int | None = None
     protein_state_log_fold_change: float = 1.5
+    n_peaks: int = 0
+    atac_driven_fraction: float = 0.8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -190,6 +214,10 @@ class SimulationSettings:
             raise ValueError(f"n_proteins must be non-negative, got {self.n_proteins}.")
         if self.n_state_proteins is not None and not 0 <= self.n_state_proteins <= self.n_proteins:
             raise ValueError(f"n_state_proteins must lie in [0, n_proteins={self.n_proteins}], got {self.n_state_proteins}.")
+        if self.n_peaks < 0:
+            raise ValueError(f"n_peaks must be non-negative, got {self.n_peaks}.")
+        if not 0.0 <= self.atac_driven_fraction <= 1.0:
+            raise ValueError(f"atac_driven_fraction must lie in [0, 1], got {self.atac_driven_fraction}.")
 
     @property
     def state_proteins(self) -> int:
@@ -223,6 +251,7 @@ class _GenePlan:
     protein_gene: np.ndarray  # (proteins,) human gene index each protein is tied to
     protein_partner_gene: np.ndarray  # (proteins,) second gene of "complex" proteins, -1 otherwise
     protein_kind: np.ndarray  # (proteins,) str: linear, switch, complex
+    peaks: "_PeakPlan | None"  # ATAC peaks (n_peaks > 0)
     log_normaliser: float  # log of sum_g exp(base_log_mean)
 
 
@@ -298,6 +327,7 @@ def _make_plan(settings: SimulationSettings) -> _GenePlan:
         protein_gene=protein_gene,
         protein_partner_gene=protein_partner_gene,
         protein_kind=protein_kind,
+        peaks=_peak_plan(settings, module, marker_of) if settings.n_peaks else None,
         log_normaliser=float(np.log(np.exp(base_log_mean).sum())),
     )
 
@@ -345,6 +375,69 @@ def _protein_counts(settings: SimulationSettings, plan: "_GenePlan", program: np
     return counts, state
 
 
+@dataclass
+class _PeakPlan:
+    gene_chrom: np.ndarray  # (genes,) str chromosome of each human gene
+    gene_start: np.ndarray  # (genes,) int64 base position of each gene's start
+    gene: np.ndarray  # (peaks,) int gene each peak sits near
+    chrom: np.ndarray  # (peaks,) str
+    start: np.ndarray  # (peaks,) int64
+    end: np.ndarray  # (peaks,) int64
+    slope: np.ndarray  # (peaks,) logit change per unit of the gene's programme (0: background peak)
+    intercept: np.ndarray  # (peaks,) logit of the baseline open probability
+
+    @property
+    def names(self) -> np.ndarray:
+        return np.array([f"{c}:{s}-{e}" for c, s, e in zip(self.chrom, self.start, self.end)])
+
+
+def _peak_plan(settings: SimulationSettings, module: np.ndarray, marker_of: np.ndarray) -> _PeakPlan:
+    """Genomic layout of the genes and, per peak, its gene, coordinates and accessibility model
+    (module docstring, "ATAC peaks"), from a random stream of its own."""
+    rng = np.random.default_rng([settings.seed, 7])
+    n_genes, n_peaks = settings.n_genes, settings.n_peaks
+    n_driven = int(round(settings.atac_driven_fraction * n_peaks))
+    with_programme = np.flatnonzero((module >= 0) | (marker_of >= 0))
+    gene = np.concatenate([rng.choice(with_programme, n_driven), rng.integers(n_genes, size=n_peaks - n_driven)])
+    slope = np.concatenate([rng.uniform(1.5, 3.0, n_driven), np.zeros(n_peaks - n_driven)])
+    base_rate = rng.uniform(0.05, 0.3, n_peaks)
+    # genes in a random order along the chromosomes, far enough apart that their peaks never meet
+    slots = rng.permutation(n_genes)
+    peaks_per_gene = np.bincount(gene, minlength=n_genes)
+    spacing = 100_000 + PEAK_STEP * int(peaks_per_gene.max())
+    gene_chrom = np.array([f"chr{1 + slot % N_CHROMOSOMES}" for slot in slots])
+    gene_start = (1 + slots // N_CHROMOSOMES).astype(np.int64) * spacing
+    # the r-th peak of a gene: alternately downstream and upstream of its start, 3 kb further each pair
+    rank = np.empty(n_peaks, dtype=np.int64)
+    for g in np.unique(gene):
+        members = np.flatnonzero(gene == g)
+        rank[members] = np.arange(len(members))
+    offset = np.where(rank % 2 == 0, 1, -1) * (1 + rank // 2) * PEAK_STEP - PEAK_WIDTH // 2
+    start = gene_start[gene] + offset
+    return _PeakPlan(
+        gene_chrom=gene_chrom,
+        gene_start=gene_start,
+        gene=gene,
+        chrom=gene_chrom[gene],
+        start=start,
+        end=start + PEAK_WIDTH,
+        slope=slope,
+        intercept=np.log(base_rate / (1 - base_rate)),
+    )
+
+
+def _peak_counts(settings: SimulationSettings, plan: "_GenePlan", program: np.ndarray, block: int) -> sp.csr_matrix:
+    """(cells, peaks) CSR float32 fragment counts of one block's cells."""
+    rng = np.random.default_rng([settings.seed, 8, block])
+    peaks = plan.peaks
+    n_cells = len(program)
+    capture = rng.normal(0.0, 0.3, (n_cells, 1))  # log capture efficiency of each cell
+    logit = peaks.intercept + peaks.slope * program[:, peaks.gene] + capture + rng.normal(0.0, 0.5, (n_cells, len(peaks.gene)))
+    is_open = rng.random(logit.shape) < 1.0 / (1.0 + np.exp(-logit))
+    counts = is_open * (1 + rng.poisson(0.3, logit.shape))
+    return sp.csr_matrix(counts.astype(np.float32))
+
+
 def _branch_slopes(settings: SimulationSettings, trajectory_slope: np.ndarray) -> np.ndarray:
     """(2, genes) slopes of the genes of branch a and b: two disjoint sets of
     ``trajectory_fraction`` of the genes, among those that do not follow t, each gene rising or
@@ -385,6 +478,7 @@ class _CellBlock:
     counts: sp.csr_matrix  # (cells, genes × species) float32 raw counts
     obs: pd.DataFrame
     protein: np.ndarray | None  # (cells, proteins) float32 counts
+    atac: sp.csr_matrix | None  # (cells, peaks) float32 fragment counts
 
 
 def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_cells: int) -> _CellBlock:
@@ -452,6 +546,8 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
     if settings.n_proteins:
         protein, protein_state = _protein_counts(settings, plan, program[:, :n_genes], block)
 
+    atac = _peak_counts(settings, plan, program[:, :n_genes], block) if settings.n_peaks else None
+
     obs = {
         "cell_type": pd.Categorical.from_codes(cell_type, [f"type_{t}" for t in range(settings.n_cell_types)]),
         "batch": pd.Categorical.from_codes(batch, [f"batch_{b}" for b in range(settings.n_batches)]),
@@ -469,7 +565,7 @@ def _sample_block(settings: SimulationSettings, plan: _GenePlan, block: int, n_c
         obs["cell_subtype"] = pd.Categorical.from_codes(2 * cell_type + protein_state, subtypes)
     start = block * _BLOCK_CELLS
     index = pd.Index([f"cell_{i:07d}" for i in range(start, start + n_cells)])
-    return _CellBlock(sp.csr_matrix(counts), pd.DataFrame(obs, index=index), protein)
+    return _CellBlock(sp.csr_matrix(counts), pd.DataFrame(obs, index=index), protein, atac)
 
 
 def _var_and_truth(settings: SimulationSettings, plan: _GenePlan) -> tuple[pd.DataFrame, dict]:
@@ -541,6 +637,19 @@ def _var_and_truth(settings: SimulationSettings, plan: _GenePlan) -> tuple[pd.Da
         truth["protein_partner_genes"] = np.where(plan.protein_partner_gene >= 0, symbols[plan.protein_partner_gene], "")
         truth["protein_kinds"] = plan.protein_kind.astype(str)
         truth["protein_state_proteins"] = protein_names(plan, symbols)[: settings.state_proteins]
+    if settings.n_peaks:
+        peaks = plan.peaks
+        truth["peaks"] = {
+            "names": peaks.names,
+            "chrom": peaks.chrom,
+            "start": peaks.start,
+            "end": peaks.end,
+            "gene": symbols[peaks.gene],
+            "driven": peaks.slope > 0,
+            "slope": peaks.slope,
+        }
+        var.loc[symbols, "chrom"] = peaks.gene_chrom
+        var.loc[symbols, "gene_start"] = peaks.gene_start
     if settings.trajectory_shape == "branching":
         # mouse genes (a second species) carry their human ortholog's branch slopes
         human_of = np.arange(n_genes) if not settings.second_species else np.concatenate(
@@ -612,7 +721,36 @@ def simulate(n_cells: int = 2000, n_genes: int = 500, *, seed: int = 0, **settin
     if config.n_proteins:
         adata.obsm["protein"] = np.concatenate([b.protein for b in blocks])
         adata.uns["protein_names"] = truth["protein_names"]
+    if config.n_peaks:
+        adata.obsm["atac"] = sp.vstack([b.atac for b in blocks], format="csr")
+        adata.uns["peak_names"] = truth["peaks"]["names"]
     return adata
+
+
+def simulate_multiome(n_cells: int = 2000, n_genes: int = 500, n_peaks: int = 2000, *, seed: int = 0, **settings):
+    """Simulated multiome cells (RNA + ATAC) as a MuData with modalities ``rna`` and ``atac``.
+
+    ``rna`` is :func:`simulate`'s AnnData without ``obsm["atac"]``; ``atac`` holds the
+    (n_cells, n_peaks) CSR fragment counts of the same cells (same ``obs_names`` and ``obs``),
+    peaks named ``chr1:1000-1500`` with ``var`` columns ``chrom``, ``start``, ``end``, and the
+    ground truth ``gene`` (the gene each peak sits near), ``driven`` and ``slope`` (module
+    docstring, "ATAC peaks"). Simulated data: it shows mechanics, not biology.
+    """
+    import mudata
+
+    if n_peaks < 1:
+        raise ValueError(f"simulate_multiome needs n_peaks >= 1, got {n_peaks}.")
+    rna = simulate(n_cells, n_genes, seed=seed, n_peaks=n_peaks, **settings)
+    counts = rna.obsm.pop("atac")
+    del rna.uns["peak_names"]
+    truth = rna.uns["simulation"]["peaks"]
+    var = pd.DataFrame(
+        {key: np.asarray(truth[key]) for key in ("chrom", "start", "end", "gene", "driven", "slope")},
+        index=pd.Index(np.asarray(truth["names"])),
+    )
+    atac = ad.AnnData(X=counts, obs=rna.obs.copy(), var=var)
+    with mudata.set_options(pull_on_update=False):  # the modalities keep their own obs / var columns
+        return mudata.MuData({"rna": rna, "atac": atac})
 
 
 def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int = 2000, *, seed: int = 0, **settings) -> Path:
@@ -632,6 +770,8 @@ def write_simulated_h5ad(path: str | Path, n_cells: int, n_genes: int = 2000, *,
         The path written.
     """
     config = SimulationSettings(n_genes=n_genes, seed=seed, **settings)
+    if config.n_peaks:
+        raise ValueError("write_simulated_h5ad writes RNA (and proteins) only; simulate ATAC peaks with simulate_multiome.")
     plan = _make_plan(config)
     var, truth = _var_and_truth(config, plan)
     path = Path(path)
