@@ -13,6 +13,7 @@ pytest.importorskip("tiledbsoma_ml")
 
 from scrnalf_hf.data.cells import open_cells, panel_matrix  # noqa: E402
 from scrnalf_hf.data.collators import CellCollator  # noqa: E402
+from scrnalf_hf.data import soma as soma_module  # noqa: E402
 from scrnalf_hf.data.soma import open_soma, write_soma  # noqa: E402
 from scrnalf_hf.processing_scrnalf import ScrnaLongformerProcessor  # noqa: E402
 
@@ -60,6 +61,24 @@ def test_streamed_batches_equal_the_converted_path_on_a_panel_of_other_genes(sto
     from_arrow = CellCollator(processor, converted.genes)(features)
     for key in ("expression", "attention_mask"):
         torch.testing.assert_close(from_soma[key], from_arrow[key])
+
+
+def test_reads_hold_to_the_memory_budget_and_give_the_same_values_in_passes(store, monkeypatch):
+    adata, uri = store
+    budget = str(soma_module.READ_MEMORY_BUDGET)
+    cells = open_soma(uri)
+    with cells._experiment() as experiment:
+        assert experiment.context.tiledb_config["sm.mem.total_budget"] == budget
+    dataset, _ = cells.with_targets(None).select(np.arange(60)).batches(8, True, 0, 1)._experiment_dataset()
+    assert dataset.x_locator.tiledb_config["sm.mem.total_budget"] == budget  # the stream's readers, workers too
+    cells.cell_ids()
+    assert cells._obs_cache == {}  # a million names are not kept for the whole run
+    # a budget far below the matrix: TileDB reads the scattered cells in passes, to the same values
+    monkeypatch.setattr(soma_module, "READ_MEMORY_BUDGET", 64 * 2**10)
+    rows = np.array([59, 2, 31, 17, 44])
+    values, library_size = open_soma(uri).read_rows(rows)
+    np.testing.assert_array_equal(values.toarray(), adata.X[rows])
+    np.testing.assert_array_equal(library_size, adata.X[rows].sum(1))
 
 
 def test_filters_choose_cells_and_genes_while_library_sizes_count_every_gene(store):
