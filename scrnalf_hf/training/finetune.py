@@ -42,7 +42,7 @@ from ..modeling_scrnalf import ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
 from .baselines import fit_baseline
 from .tasks import Targets, Task, get_task
-from .trainer import ScrnaTrainer
+from .trainer import ScrnaTrainer, full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -376,10 +376,7 @@ def unsharded_model(trainer: ScrnaTrainer, model_class: type) -> ScrnaLongformer
     the other ranks keep the sharded one, which they only use for collective evaluation."""
     if not trainer.is_fsdp_enabled:
         return trainer.model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    # full_state_dict + cpu_offload: gathered on every rank, kept on rank 0 only (no full copy per rank)
-    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = full_state_dict(trainer.model)
     if not trainer.is_world_process_zero():
         return trainer.model
     model = model_class(trainer.model.config)

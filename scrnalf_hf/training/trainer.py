@@ -91,6 +91,12 @@ class ScrnaTrainer(Trainer):
             return
         if self.args.fsdp_plugin_args["fsdp_version"] != 2:
             raise ValueError("FSDP on CPU processes needs FSDP2: set \"version\": 2 in --fsdp_config (FSDP1 shards CUDA devices only).")
+        if self.args.save_strategy != "no":
+            # Trainer's FSDP checkpoints (accelerate's state dicts) failed or hung on CPU processes
+            raise ValueError(
+                "FSDP on CPU processes trains and exports the model but saves no Trainer checkpoints; pass "
+                "--save-strategy no --load-best-model-at-end false (or train on GPUs)."
+            )
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         state.distributed_type = DistributedType.FSDP
         self.is_fsdp_enabled = True
@@ -153,6 +159,27 @@ class ScrnaTrainer(Trainer):
         for group in moved_groups:
             optimizer.add_param_group(group)
         return optimizer
+
+
+def full_state_dict(model) -> dict:
+    """The full (unsharded) weights of an FSDP2 ``model`` on rank 0 (empty on the others); every rank
+    must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    # full_state_dict + cpu_offload: gathered on every rank, kept on rank 0 only (no full copy per rank)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def reshard(model) -> None:
+    """Shard every FSDP2 unit of ``model`` again. A forward without backward (evaluation) leaves the
+    root's and accelerate's tail units gathered (they keep their full weights after forward); their
+    ``state_dict`` would then hold the gathered buffers, which FSDP frees at the next reshard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class _EpochDataLoader(DataLoader):
