@@ -258,10 +258,17 @@ def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
     parser = _command(subparsers, name, help_text)
     parser.add_argument("--model", required=True, help="model folder or Hub repo id")
     parser.add_argument("--revision", default=None, help="the Hub commit to load (the one `scrnalf push` printed)")
-    parser.add_argument("--input", required=True, help="input .h5ad")
+    parser.add_argument("--input", default=None, help="input .h5ad (or give --soma-uri)")
+    parser.add_argument("--soma-uri", default=None,
+                        help="read the cells from a TileDB-SOMA experiment instead of --input; several processes under "
+                        "torchrun / accelerate launch each take their own cells")
     parser.add_argument("--output", required=True, help="output .h5ad (must differ from --input)")
     parser.add_argument("--layer", default=None, help="read this layer ('X' for X) instead of where the model was trained")
     parser.add_argument("--use-raw", action="store_true", default=None, help="read .raw instead of where the model was trained")
+    parser.add_argument("--measurement", default="RNA", help="SOMA measurement holding the genes (--soma-uri)")
+    parser.add_argument("--soma-layer", default=None, help="SOMA X layer (--soma-uri; default: raw, counts, then data)")
+    parser.add_argument("--obs-filter", default=None, help="SOMA value filter choosing the cells, e.g. \"cell_type == 'B cell'\"")
+    parser.add_argument("--var-filter", default=None, help="SOMA value filter choosing the genes; library sizes count every gene")
     parser.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (and per chunk read)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output that an earlier predict/embed wrote")
     parser.add_argument("--species", default=None, help="species of the cells, for a model of several species (e.g. mouse)")
@@ -272,12 +279,24 @@ def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
 
 
 def _run_model_on_anndata(args) -> None:
-    from scrnalf_hf.inference import embed_file, predict_file
+    from scrnalf_hf.inference import embed_file, embed_soma, predict_file, predict_soma
 
+    if (args.input is None) == (args.soma_uri is None):
+        raise ValueError("give exactly one source of cells: --input (an .h5ad file) or --soma-uri (a SOMA experiment).")
     settings = {"time_point_key": args.time_point_key} if args.command == "predict" else {}
+    common = {"batch_size": args.batch_size, "overwrite": args.overwrite, "revision": args.revision, "species": args.species}
+    if args.soma_uri is not None:
+        if args.layer is not None or args.use_raw:
+            raise ValueError("--layer / --use-raw choose an AnnData matrix; for a SOMA experiment name the X layer with --soma-layer.")
+        run = predict_soma if args.command == "predict" else embed_soma
+        run(args.model, args.soma_uri, args.output, measurement=args.measurement, soma_layer=args.soma_layer,
+            obs_filter=args.obs_filter, var_filter=args.var_filter, **common, **settings)
+        return
+    for flag in ("obs_filter", "var_filter", "soma_layer"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --soma-uri only; drop it or read the cells from a SOMA experiment.")
     run = predict_file if args.command == "predict" else embed_file
-    run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, batch_size=args.batch_size,
-        overwrite=args.overwrite, revision=args.revision, species=args.species, **settings)
+    run(args.model, args.input, args.output, layer=args.layer, use_raw=args.use_raw, **common, **settings)
 
 
 def _add_interpret_input(parser) -> None:

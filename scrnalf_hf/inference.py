@@ -17,6 +17,11 @@ copy is renamed into place only when complete, so memory stays bounded by a chun
 ``obs``) however many cells the file holds, and an interrupted run leaves any earlier output as
 it was. The copy, ``.NAME.incomplete-PID-XXXXXXXX``, carries the writing process's id; the next
 run to the same output removes those whose process is gone (:mod:`scrnalf_hf.staging`).
+
+:func:`predict_soma` / :func:`embed_soma` (the commands with ``--soma-uri``) read the cells of a
+SOMA experiment instead, on one process or several (torchrun / ``accelerate launch``): each process
+reads its own block of cells chunk by chunk and writes a shard into a staging folder beside the
+output; rank 0 merges the shards into one ``.h5ad`` and renames it into place.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +43,7 @@ from .configuration_scrnalf import ScrnaLongformerConfig
 from .data.cells import numeric_column
 from .modeling_scrnalf import ScrnaLongformerModel, ScrnaLongformerPreTrainedModel
 from .processing_scrnalf import GeneAlignment, ScrnaLongformerProcessor
-from .staging import remove_dead_staging, staging_path
+from .staging import record_writer, remove_dead_staging, staging_path
 from .training.tasks import EMBEDDING_KEY, Task, task_for_model
 
 logger = logging.getLogger(__name__)
@@ -144,14 +150,16 @@ def _annotated_chunks(
     alignment: GeneAlignment,
     time_points: np.ndarray | None = None,
 ) -> Iterator[tuple[int, ad.AnnData]]:
-    """For each ``(first row, cells × genes matrix)`` chunk, an AnnData of those cells (no X)
-    holding what the run writes: the task's predictions (``task`` None: none) and the embeddings.
-    ``time_points``: (n_cells,) of a time-conditioned trajectory model."""
+    """For each ``(first row, cells × genes matrix, library sizes or None)`` chunk, an AnnData of
+    those cells (no X) holding what the run writes: the task's predictions (``task`` None: none)
+    and the embeddings. Library sizes (n,) are given where the matrix holds only some of each
+    cell's genes, else the processor sums the rows. ``time_points``: (n_cells,) of a
+    time-conditioned trajectory model."""
     model.eval()
-    for first, matrix in chunks:
+    for first, matrix, library_size in chunks:
         features = processor(
             matrix, gene_names=gene_names, gene_ids=gene_ids, return_tensors="pt", matrix_name=where, species=species,
-            alignment=alignment,
+            alignment=alignment, library_size=library_size,
         )
         if time_points is not None:
             features["time_points"] = torch.from_numpy(time_points[first : first + matrix.shape[0]])
@@ -190,7 +198,7 @@ def _annotate(
     time_points = _time_points(model, adata.obs, time_point_key) if task is not None else None
     matrix, names, ids, where = processor.read_anndata_matrix(adata, layer, use_raw)
     alignment, overlap = _overlap(processor, names, ids, where, species)
-    chunks = ((first, matrix[first : first + batch_size]) for first in range(0, adata.n_obs, batch_size))
+    chunks = ((first, matrix[first : first + batch_size], None) for first in range(0, adata.n_obs, batch_size))
     parts = [
         cells
         for _, cells in _annotated_chunks(
@@ -340,8 +348,9 @@ def _process_file(
             with h5py.File(staging, "r+") as handle:
                 writer = _FileWriter(handle, source.n_cells)
                 chunks = _annotated_chunks(
-                    model, processor, task, source.row_chunks(batch_size), source.obs, source.gene_symbols,
-                    source.gene_ids, where, overlap.pop("report"), species, alignment, time_points,
+                    model, processor, task, ((first, chunk, None) for first, chunk in source.row_chunks(batch_size)),
+                    source.obs, source.gene_symbols, source.gene_ids, where, overlap.pop("report"), species, alignment,
+                    time_points,
                 )
                 for first, cells in chunks:
                     writer.add(first, cells)
@@ -389,4 +398,187 @@ def embed_file(model_name_or_path: str, input_path, output_path, **kwargs) -> No
     _process_file(model_name_or_path, input_path, output_path, head=False, **kwargs)
 
 
-__all__ = ["embed", "embed_file", "load_model", "predict", "predict_file"]
+# ---------------------------------------------------------------------------------------------
+# SOMA experiments: each process its own cells, written as a shard, shards merged into one file
+# ---------------------------------------------------------------------------------------------
+
+# Rows copied at a time when the shards are merged (a slice of each obsm array in memory).
+MERGE_ROWS = 65536
+
+
+def launched_rank() -> tuple[int, int]:
+    """``(rank, world size)`` as torchrun / ``accelerate launch`` set them (``RANK``, ``WORLD_SIZE``);
+    ``(0, 1)`` for a process started on its own."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_cells(n_cells: int, rank: int, world_size: int) -> np.ndarray:
+    """The rows (positions into the query's cells) of process ``rank``: contiguous blocks, sizes
+    differing by at most one, every cell in exactly one block (none sits out, unlike training)."""
+    if world_size > n_cells:
+        raise ValueError(
+            f"{world_size} processes but only {n_cells} cells to read: every process needs at least one cell; "
+            "use fewer processes (--num_processes / --nproc_per_node) or select more cells."
+        )
+    return np.array_split(np.arange(n_cells), world_size)[rank]
+
+
+@contextmanager
+def _process_group(world_size: int):
+    """A gloo process group over the launched processes (their rendezvous is in the environment),
+    for the barrier before the merge; nothing for one process."""
+    import torch.distributed as dist
+
+    if world_size == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _shared_staging(output_path: Path, rank: int, world_size: int) -> Path:
+    """Rank 0 makes the staging folder beside the output; every process learns its name."""
+    staging = None
+    if rank == 0:
+        staging = staging_path(output_path.parent, f".{output_path.name}.incomplete")
+        try:
+            staging.mkdir()
+        except PermissionError as error:
+            raise PermissionError(
+                f"cannot write in {output_path.parent} ({error.strerror}); choose an --output folder you can write to."
+            ) from error
+        record_writer(staging)
+    if world_size == 1:
+        return staging
+    import torch.distributed as dist
+
+    shared = [staging]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def _soma_obs(cells, rows: np.ndarray, time_point_key: str | None) -> pd.DataFrame:
+    """``obs`` of the cells at ``rows``: named by ``obs_id``, with their ``soma_joinid`` (and the
+    time point column a time-conditioned model reads)."""
+    obs = pd.DataFrame({"soma_joinid": cells.obs_joinids[rows]}, index=pd.Index(cells.cell_ids()[rows].astype(str)))
+    if time_point_key is not None:
+        obs[time_point_key] = cells.obs_column(time_point_key)[rows]
+    return obs
+
+
+def _write_shard(path: Path, cells, rows, obs, model, processor, task, alignment, overlap: dict, species, time_points, batch_size):
+    """Run the model over the cells at ``rows`` and write them as an ``.h5ad`` (obs, obsm, uns,
+    no X) chunk by chunk: memory holds one chunk of cells and their obs."""
+    import h5py
+
+    ad.AnnData(obs=obs).write_h5ad(path)
+
+    def chunks():
+        for first in range(0, len(rows), batch_size):
+            values, library_size = cells.read_rows(rows[first : first + batch_size])  # CSR on the var filter's genes
+            yield first, values, library_size
+
+    with h5py.File(path, "r+") as handle:
+        writer = _FileWriter(handle, len(rows))
+        record = dict(overlap)
+        annotated = _annotated_chunks(
+            model, processor, task, chunks(), obs, cells.genes.gene_symbols, cells.genes.gene_ids,
+            cells.genes.matrix, record.pop("report"), species, alignment, time_points,
+        )
+        for first, part in annotated:
+            writer.add(first, part)
+        writer.finish(_run_record(model, record))
+
+
+def _merge_shards(shards: list[Path], output: Path) -> int:
+    """Concatenate the ranks' shards, in rank order (= soma_joinid order), into one ``.h5ad``,
+    obsm arrays ``MERGE_ROWS`` rows at a time. Returns the number of cells."""
+    import h5py
+    from anndata.io import read_elem
+
+    observations = []
+    for shard in shards:
+        with h5py.File(shard, "r") as handle:
+            observations.append(read_elem(handle["obs"]))
+            record = read_elem(handle["uns"][RUN_KEY])  # the same run record in every shard
+    obs = pd.concat(observations)
+    ad.AnnData(obs=obs[[c for c in obs.columns if not c.startswith("scrnalf_")]]).write_h5ad(output)
+    with h5py.File(output, "r+") as handle:
+        writer = _FileWriter(handle, len(obs))
+        offset = 0
+        for shard, shard_obs in zip(shards, observations):
+            with h5py.File(shard, "r") as source:
+                keys = list(source["obsm"].keys()) if "obsm" in source else []
+                for start in range(0, len(shard_obs), MERGE_ROWS):
+                    part = ad.AnnData(obs=shard_obs.iloc[start : start + MERGE_ROWS])
+                    for key in keys:
+                        part.obsm[key] = source["obsm"][key][start : start + MERGE_ROWS]
+                    writer.add(offset + start, part)
+            offset += len(shard_obs)
+        writer.finish({**record, "processes": len(shards)})
+    return len(obs)
+
+
+def _process_soma(
+    model_name_or_path: str, uri, output_path, head: bool, *, measurement: str = "RNA", soma_layer: str | None = None,
+    obs_filter: str | None = None, var_filter: str | None = None, batch_size: int = 256, overwrite: bool = False,
+    revision: str | None = None, species: str | None = None, time_point_key: str | None = None,
+) -> None:
+    from .data.soma import open_soma
+
+    output_path = Path(output_path)
+    rank, world_size = launched_rank()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive number of cells, got {batch_size}.")
+    if rank == 0:
+        _check_output(output_path, overwrite)
+        remove_dead_staging(output_path.parent, f".{output_path.name}.incomplete", "predict/embed")
+    cells = open_soma(uri, measurement=measurement, layer=soma_layer, obs_filter=obs_filter, var_filter=var_filter)
+    rows = rank_cells(cells.n_cells, rank, world_size)
+    model, processor = load_model(model_name_or_path, head=head, revision=revision)
+    task = _predicting_task(model) if head else None
+    obs = _soma_obs(cells, rows, time_point_key if head else None)
+    time_points = _time_points(model, obs, time_point_key) if head else None
+    alignment, overlap = _overlap(processor, cells.genes.gene_symbols, cells.genes.gene_ids, cells.genes.matrix, species)
+    with _process_group(world_size):
+        staging = _shared_staging(output_path, rank, world_size)
+        try:
+            _write_shard(staging / f"rank{rank:05d}.h5ad", cells, rows, obs, model, processor, task, alignment, overlap,
+                         species, time_points, batch_size)
+            if world_size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # every shard complete
+            if rank == 0:
+                shards = [staging / f"rank{r:05d}.h5ad" for r in range(world_size)]
+                n_cells = _merge_shards(shards, staging / output_path.name)
+                os.replace(staging / output_path.name, output_path)
+                logger.info("wrote %s (%d cells; processes: %d)", output_path, n_cells, world_size)
+        finally:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def predict_soma(model_name_or_path: str, uri, output_path, **kwargs) -> None:
+    """``scrnalf predict --soma-uri``: the cells of a SOMA experiment (query: ``measurement``,
+    ``soma_layer``, ``obs_filter``, ``var_filter`` as :func:`~scrnalf_hf.data.soma.open_soma`)
+    through the model into the ``.h5ad`` ``output_path`` (obs named by ``obs_id``, with
+    ``soma_joinid``; no X), in ``soma_joinid`` order.
+
+    Under torchrun / ``accelerate launch`` each process takes its own contiguous block of cells,
+    reads it chunk by chunk and writes it as a shard; rank 0 merges the shards once all are done
+    and renames the result into place, so an interrupted run leaves no partial output.
+    """
+    _process_soma(model_name_or_path, uri, output_path, head=True, **kwargs)
+
+
+def embed_soma(model_name_or_path: str, uri, output_path, **kwargs) -> None:
+    """``scrnalf embed --soma-uri``: as :func:`predict_soma`, cell embeddings only
+    (``obsm["X_scrnalf"]``, (n_cells, d_model))."""
+    _process_soma(model_name_or_path, uri, output_path, head=False, **kwargs)
+
+
+__all__ = ["embed", "embed_file", "embed_soma", "load_model", "predict", "predict_file", "predict_soma"]

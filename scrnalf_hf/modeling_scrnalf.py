@@ -166,7 +166,10 @@ class ScrnaLongformerEmbeddings(nn.Module):
         values = self.encode_values(expression.to(self.value_bins.weight.dtype))  # (batch, G, d)
         if masked_positions is not None:
             values = torch.where(masked_positions.unsqueeze(-1), self.mask_embedding.to(values.dtype), values)
-        genes = self.gene_embeddings.weight.unsqueeze(0)  # (1, G, d)
+        # The table is looked up, not read as .weight: FSDP shards the input embeddings as a unit of
+        # their own (accelerate's FSDP2 does), and only a call gathers the full table.
+        gene_index = torch.arange(self.gene_embeddings.num_embeddings, device=expression.device)
+        genes = self.gene_embeddings(gene_index).unsqueeze(0)  # (1, G, d)
         if self.config.value_encoding == "multiplicative":
             tokens = genes * (1 + values)
         else:

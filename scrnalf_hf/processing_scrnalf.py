@@ -672,6 +672,7 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         alignment: GeneAlignment | None = None,
         protein_counts=None,
         protein_names: Sequence[str] | None = None,
+        library_size=None,
         **kwargs,
     ) -> BatchFeature:
         """Cells -> model inputs.
@@ -687,6 +688,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             protein_counts / protein_names: a multimodal model's second modality, (n_cells, P_in)
                 raw antibody counts of the same cells in the same order and their names; without
                 them the model reads RNA only (and predicts the proteins).
+            library_size: (n_cells,) each cell's total counts over all its genes, when the matrix
+                holds only some of them (a SOMA ``--var-filter``); by default the matrix's row sums.
 
         Returns:
             ``BatchFeature`` with ``expression`` (n_cells, G) float32 and ``attention_mask``
@@ -729,7 +732,11 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         elif len(alignment.vocab_index) != len(gene_names):
             raise ValueError(f"the alignment is of {len(alignment.vocab_index)} genes, the matrix has {len(gene_names)}.")
 
-        library_size = np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
+        if library_size is None:
+            library_size = matrix.sum(axis=1)
+        library_size = np.asarray(library_size, dtype=np.float64).reshape(-1)
+        if len(library_size) != matrix.shape[0]:
+            raise ValueError(f"{len(library_size)} library sizes for {matrix.shape[0]} cells.")
         columns = np.flatnonzero(alignment.vocab_index >= 0)
         selected = matrix.tocsc()[:, columns].toarray() if _is_sparse(matrix) else np.asarray(matrix)[:, columns]
         selected = np.asarray(selected, dtype=np.float32)

@@ -1143,6 +1143,33 @@ def _soma_cases() -> list[Case]:
              lambda w, t, mp: soma(w, t, "--label-key", "donor", command="finetune"), "donor"),
         Case("api-soma-world-size-above-cells", "api", "more processes (WORLD_SIZE 64) than streamed cells (30)",
              too_many_processes, "processes"),
+        *_soma_inference_cases(),
+    ]
+
+
+def _soma_inference_cases() -> list[Case]:
+    """``scrnalf embed / predict --soma-uri`` (one process per block of cells)."""
+    c = "embed"
+
+    def embed_soma(w, t, *extra, store=None):
+        store = soma_store(t) if store is None else store
+        return cli(c, "--model", w.classifier, "--soma-uri", store, "--output", t / "out.h5ad", *extra, fresh=[t / "out.h5ad"])
+
+    def too_many_processes(w, t, mp):
+        mp.setenv("RANK", "0")
+        mp.setenv("WORLD_SIZE", "64")
+        return embed_soma(w, t)
+
+    return [
+        Case("soma-embed-world-size-above-cells", c, "embed --soma-uri by more processes (WORLD_SIZE 64) than cells (30)",
+             too_many_processes, "processes"),
+        Case("soma-embed-obs-filter-no-cells", c, "embed --soma-uri with an --obs-filter that selects no cells",
+             lambda w, t, mp: embed_soma(w, t, "--obs-filter", "cell_type == 'type9'"), "no cells"),
+        Case("soma-embed-and-input", c, "embed with both --soma-uri and --input",
+             lambda w, t, mp: embed_soma(w, t, "--input", w.good), "exactly one source"),
+        Case("soma-predict-layer", "predict", "predict --soma-uri with --layer (an AnnData option)",
+             lambda w, t, mp: cli("predict", "--model", w.classifier, "--soma-uri", soma_store(t), "--layer", "counts",
+                                  "--output", t / "out.h5ad", fresh=[t / "out.h5ad"]), "--soma-layer"),
     ]
 
 

@@ -42,7 +42,7 @@ from ..modeling_scrnalf import ScrnaLongformerPreTrainedModel
 from ..processing_scrnalf import ScrnaLongformerProcessor
 from .baselines import fit_baseline
 from .tasks import Targets, Task, get_task
-from .trainer import ScrnaTrainer
+from .trainer import ScrnaTrainer, full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -361,11 +361,28 @@ def finetune(
         resume = last_complete_checkpoint(training_args.output_dir, remove_incomplete=training_args.process_index == 0)
         if resume is None:
             raise ValueError(f"cannot resume: {training_args.output_dir} holds no complete checkpoint-N; start a new run.")
+    model_class = type(model)  # before FSDP2 swaps in its own subclass
     train_output = trainer.train(resume_from_checkpoint=resume)
     return FitResult(
-        task=task, model=trainer.model, processor=processor, trainer=trainer, targets=targets,
+        task=task, model=unsharded_model(trainer, model_class), processor=processor, trainer=trainer, targets=targets,
         train_rows=inner_train, validation_rows=validation, train_metrics=dict(train_output.metrics),
     )
+
+
+def unsharded_model(trainer: ScrnaTrainer, model_class: type) -> ScrnaLongformerPreTrainedModel:
+    """The trained model with full weights for saving: ``trainer.model`` itself, except under FSDP,
+    where every parameter is a DTensor holding one rank's rows. Then all ranks gather the full
+    weights (a collective) and rank 0 gets them in a plain ``model_class`` (the exported model);
+    the other ranks keep the sharded one, which they only use for collective evaluation."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model
+    full = full_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return trainer.model
+    model = model_class(trainer.model.config)
+    model.load_state_dict(full)
+    model.name_or_path = trainer.model.name_or_path
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -26,7 +27,7 @@ class TrainingBar(ProgressCallback):
 class ScrnaTrainer(Trainer):
     """Trainer for every scRNA longformer head.
 
-    Six differences from `Trainer`, each for a reason:
+    Seven differences from `Trainer`, each for a reason:
 
     - **The loss is the model's.** The heads' losses are means over the batch and take no
       ``num_items_in_batch``, so Trainer scales them for gradient accumulation itself.
@@ -50,6 +51,10 @@ class ScrnaTrainer(Trainer):
       DataLoader worker its own cells; accelerate's ``prepare`` would split them again (or send
       rank 0's cells to every rank), so their DataLoader is built here, unprepared, and Trainer
       moves each batch to the device as usual.
+    - **FSDP runs on CPU processes too**: accelerate switches to FSDP only for accelerator
+      devices (``MULTI_GPU``, ``MULTI_XPU``, ...); several CPU processes with ``--fsdp`` would
+      silently train plain data parallel. FSDP2's ``fully_shard`` works on a CPU mesh over gloo,
+      so the FSDP plugin is installed there as well (what the two-process CPU test exercises).
     - **Quiet unless asked**: below ``--log_level info`` the progress display is one bar over
       the training steps (:class:`TrainingBar`), not a bar per evaluation and a printed
       dictionary per epoch.
@@ -78,6 +83,23 @@ class ScrnaTrainer(Trainer):
                 f"{type(model).__name__}; drop it or set it to 0."
             )
         self.label_smoother = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        if self.args.fsdp_plugin_args["fsdp_version"] != 2:
+            raise ValueError("FSDP on CPU processes needs FSDP2: set \"version\": 2 in --fsdp_config (FSDP1 shards CUDA devices only).")
+        if self.args.save_strategy != "no":
+            # Trainer's FSDP checkpoints (accelerate's state dicts) failed or hung on CPU processes
+            raise ValueError(
+                "FSDP on CPU processes trains and exports the model but saves no Trainer checkpoints; pass "
+                "--save-strategy no --load-best-model-at-end false (or train on GPUs)."
+            )
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
     @contextmanager
     def _evaluation_batches(self):
@@ -137,6 +159,27 @@ class ScrnaTrainer(Trainer):
         for group in moved_groups:
             optimizer.add_param_group(group)
         return optimizer
+
+
+def full_state_dict(model) -> dict:
+    """The full (unsharded) weights of an FSDP2 ``model`` on rank 0 (empty on the others); every rank
+    must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    reshard(model)
+    # full_state_dict + cpu_offload: gathered on every rank, kept on rank 0 only (no full copy per rank)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def reshard(model) -> None:
+    """Shard every FSDP2 unit of ``model`` again. A forward without backward (evaluation) leaves the
+    root's and accelerate's tail units gathered (they keep their full weights after forward); their
+    ``state_dict`` would then hold the gathered buffers, which FSDP frees at the next reshard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class _EpochDataLoader(DataLoader):
