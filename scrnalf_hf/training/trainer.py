@@ -27,7 +27,7 @@ class TrainingBar(ProgressCallback):
 class ScrnaTrainer(Trainer):
     """Trainer for every scRNA longformer head.
 
-    Seven differences from `Trainer`, each for a reason:
+    Eight differences from `Trainer`, each for a reason:
 
     - **The loss is the model's.** The heads' losses are means over the batch and take no
       ``num_items_in_batch``, so Trainer scales them for gradient accumulation itself.
@@ -55,6 +55,9 @@ class ScrnaTrainer(Trainer):
       devices (``MULTI_GPU``, ``MULTI_XPU``, ...); several CPU processes with ``--fsdp`` would
       silently train plain data parallel. FSDP2's ``fully_shard`` works on a CPU mesh over gloo,
       so the FSDP plugin is installed there as well (what the two-process CPU test exercises).
+    - **No FSDP checkpoints on CPU processes**: saving a Trainer checkpoint of sharded CPU
+      parameters fails (safetensors is handed DTensors) or hangs, so FSDP on CPU refuses a
+      save strategy other than ``no``; the final export gathers full weights on every rank.
     - **Quiet unless asked**: below ``--log_level info`` the progress display is one bar over
       the training steps (:class:`TrainingBar`), not a bar per evaluation and a printed
       dictionary per epoch.
