@@ -143,7 +143,11 @@ def combine_sources(parts: list[ad.AnnData], path: Path) -> tuple[int, str]:
     keyed = []
     for part in parts:
         part = part.copy()
-        part.var_names = part.var[key].astype(str).str.upper() if key == "gene_symbols" else part.var[key].astype(str)
+        if key == "gene_symbols":  # ids of only some sources would leave genes without one
+            part.var = part.var[["gene_symbols"]]
+        names = part.var[key].astype(str)
+        # symbols differ in case between annotations (e.g. MT-CO1 / mt-Co1); Ensembl ids do not
+        part.var_names = (names.str.upper() if key == "gene_symbols" else names).to_numpy()
         keyed.append(part[:, ~part.var_names.duplicated()])
     joined = ad.concat(keyed, join="outer", fill_value=0.0, merge="first")
     joined.X = sp.csr_matrix(joined.X, dtype=np.float32)

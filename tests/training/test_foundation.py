@@ -61,3 +61,14 @@ def test_a_missing_source_is_refused_in_one_line_and_nothing_is_written(tmp_path
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [f"pretrain_foundation.py: error: source {tmp_path / 'absent.h5ad'} does not exist."]
     assert not output.exists()
+
+
+def test_transfer_refuses_a_pretrain_file_next_to_a_given_checkpoint(tmp_path, capsys):
+    cells = tmp_path / "cells.h5ad"
+    simulate(n_cells=20, n_genes=120, seed=0).write_h5ad(cells)
+
+    code = main(["transfer", "--train-file", str(cells), "--label-key", "cell_type", "--output-dir", str(tmp_path / "curve"),
+                 "--pretrained-model", str(tmp_path / "foundation"), "--pretrain-file", str(cells)])
+
+    assert code != 0
+    assert "with --pretrained-model nothing is pretrained" in capsys.readouterr().err
