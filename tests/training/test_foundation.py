@@ -46,6 +46,7 @@ def test_two_sources_pretrain_into_a_loadable_folder_whose_card_names_them(tmp_p
     assert len(record["loss_curve"]) >= 2 and all(point["loss"] > 0 for point in record["loss_curve"])
     assert (output / "foundation_loss.png").stat().st_size > 0
     card = (output / "README.md").read_text()
+    assert "\n# foundation\n" in card and ".export-incomplete" not in card  # named after the folder, not its staging
     assert "## Pretraining data and compute" in card and "not a biological foundation model" in card
     assert f"`{first}`" in card and f"`{converted}`" in card and "foundation_loss.png" in card
 
