@@ -195,13 +195,17 @@ def card_section(record: dict) -> str:
     )
     compute = record["compute"]
     final = record["loss_curve"][-1]["loss"] if record["loss_curve"] else float("nan")
+    if record["n_genes_union"] is None:  # one SOMA experiment, streamed as `pretrain --soma-uri` reads it
+        genes = "streamed from the SOMA experiment."
+    else:
+        genes = (f"joined on the union of their genes ({record['n_genes_union']:,} genes, matched by "
+                 f"`{record['genes_matched_by']}`), log1p-normalised.")
     return (
         "\n## Pretraining data and compute\n\n"
         f"**{DEMONSTRATION_NOTE}**\n\n"
         "| source | kind | cells | species |\n| --- | --- | --- | --- |\n"
         f"{rows}\n\n"
-        f"{record['n_cells']:,} cells in all, joined on the union of their genes ({record['n_genes_union']:,} genes, "
-        f"matched by `{record['genes_matched_by']}`), log1p-normalised.\n\n"
+        f"{record['n_cells']:,} cells in all, {genes}\n\n"
         f"Compute: {compute['device_count']} × {compute['device_name']} ({compute['device_type']}), "
         f"{compute['train_hours']:.4f} h of training wall time = {compute['device_hours']:.4f} device hours, "
         f"{compute['train_cells_per_second']:.1f} training cells/s. Final logged training loss {final:.4f} "
@@ -259,7 +263,9 @@ def main(argv: list[str]) -> dict:
             data_args, model_args, training_args = parse_arguments(rest, "pretrain")
             from scrnalf_hf.data.soma import open_soma
 
-            n_cells = open_soma(own.source[0], measurement=data_args.measurement, obs_filter=data_args.obs_filter).n_cells
+            n_cells = open_soma(
+                own.source[0], measurement=data_args.measurement, layer=data_args.soma_layer, obs_filter=data_args.obs_filter,
+            ).n_cells
             sources, union = [Source(own.source[0], "soma", n_cells, species[0] or "not recorded")], (None, None)
         else:
             parts, sources = zip(*(read_log1p(loc, i, sp_) for i, (loc, sp_) in enumerate(zip(own.source, species))))

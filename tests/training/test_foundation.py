@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForMaskedLM
 
 import scrnalf_hf  # noqa: F401  (registers the Auto classes)
@@ -73,3 +74,32 @@ def test_transfer_refuses_a_pretrain_file_next_to_a_given_checkpoint(tmp_path, c
 
     assert code != 0
     assert "with --pretrained-model nothing is pretrained" in capsys.readouterr().err
+
+
+def test_one_soma_source_streams_and_its_cells_are_counted(tmp_path):
+    pytest.importorskip("tiledbsoma_ml")
+    from scrnalf_hf.data.soma import write_soma
+
+    store = tmp_path / "store"
+    write_soma(simulate(n_cells=50, n_genes=120, seed=0), store)
+    output = tmp_path / "foundation"
+
+    done = run_script("--source", str(store), "--species", "human", "--preset", "tiny", "--output-dir", str(output),
+                      "--num-train-epochs", "1", "--disable-tqdm", "true")
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((output / "foundation.json").read_text())
+    assert record["sources"] == [{"location": str(store), "kind": "soma", "n_cells": 50, "species": "human"}]
+    assert "streamed from the SOMA experiment" in (output / "README.md").read_text()
+
+
+def test_a_soma_source_does_not_mix_with_files(tmp_path):
+    store, cells = tmp_path / "store", tmp_path / "cells.h5ad"
+    store.mkdir()
+    (store / "__group").mkdir()  # what a local TileDB group holds
+    simulate(n_cells=20, n_genes=120, seed=0).write_h5ad(cells)
+
+    done = run_script("--source", str(cells), "--source", str(store), "--preset", "tiny", "--output-dir", str(tmp_path / "out"))
+
+    assert done.returncode != 0 and "cannot be combined with other sources" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
