@@ -246,7 +246,8 @@ def write_foundation_outputs(output_dir: Path, sources: list[Source], union: tup
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    # no abbreviations: a prefix of a pretrain flag must reach pretrain, not be taken for one of these
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
     parser.add_argument("--source", action="append", default=[], help=".h5ad, convert folder or SOMA URI (repeat)")
     parser.add_argument("--species", action="append", default=[], help="species of every source, or of each in order")
     return parser.parse_known_args(argv)
@@ -256,6 +257,9 @@ def main(argv: list[str]) -> dict:
     own, rest = parse(argv)
     rest = [*LOSS_LOGGING, *rest]  # before the caller's flags, which override it
     check_sources(own.source, own.species)
+    given = [flag for flag in rest if flag.split("=")[0] in ("--train-file", "--train_file", "--soma-uri", "--soma_uri")]
+    if given:
+        raise ValueError(f"{given[0].split('=')[0]} is chosen by this script; name every input with --source instead.")
     species = own.species * len(own.source) if len(own.species) == 1 else own.species or [None] * len(own.source)
     with tempfile.TemporaryDirectory(prefix="scrnalf-foundation-") as workdir:
         if is_soma_uri(own.source[0]):
