@@ -406,6 +406,11 @@ def _add_transfer(subparsers) -> None:
     parser.add_argument("--finetune-epochs", type=float, default=20, help="epochs of each fine-tuning")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, subsets and training")
     parser.add_argument("--pretrain-file", default=None, help="extra unlabelled cells to pretrain on (default: the training cells)")
+    parser.add_argument(
+        "--pretrained-model", default=None,
+        help="a masked-gene checkpoint (folder or repo) to fine-tune instead of pretraining here, e.g. a foundation "
+        "checkpoint of scripts/pretrain_foundation.py; --preset then names only the scratch model",
+    )
     parser.set_defaults(func=_run_transfer)
 
 

@@ -181,7 +181,7 @@ def write_run_outputs(
         record_writer(staging)
         summary = _write_export(staging, cells, result, held_out, baselines, method=method, preset=preset,
                                 model_name_or_path=model_name_or_path, class_weighting=class_weighting, freeze=freeze,
-                                evaluation=evaluation)
+                                evaluation=evaluation, model_name=output_dir.resolve().name)
         write_json(staging / EXPORT_RECORD, {
             "files": {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != WRITER_FILE},
         })
@@ -195,8 +195,9 @@ def write_run_outputs(
 def _write_export(
     output_dir: Path, cells: Cells, result: FitResult, held_out: HeldOutScores | None, baselines: list[dict], *,
     method: str, preset: str | None, model_name_or_path: str | None, class_weighting: str | None, freeze: bool,
-    evaluation: dict | None = None,
+    evaluation: dict | None = None, model_name: str | None = None,
 ) -> dict:
+    """``model_name``: the card's name (the final folder's, not the staging folder's it is written in)."""
     from ..hub.cards import write_model_card
     from ..hub.folder import save_hub_folder
 
@@ -274,7 +275,7 @@ def _write_export(
             "seed": summary["seed"],
         },
     )
-    write_model_card(output_dir)
+    write_model_card(output_dir, repo_id=f"<org>/{model_name or output_dir.name}")
     return summary
 
 

@@ -11,7 +11,8 @@
 Writes ``transfer.json`` (rows ``{"fraction", "n_labelled_cells", "method", "accuracy",
 "macro_f1"}``, method ∈ pretrained / scratch / logreg), ``transfer.md`` and
 ``learning_curve.png`` (macro-F1 vs labelled cells) into ``--output-dir``; the pretrained model
-is in ``pretrained/``.
+is in ``pretrained/``. With ``--pretrained-model`` step 2 is skipped and that checkpoint is
+fine-tuned instead (it may have seen the test cells' expression, unlabelled: say so).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def run_transfer(args) -> list[dict]:
     """``scrnalf transfer`` (arguments in the CLI); returns the rows written to transfer.json."""
     if args.species or args.species_key or args.model_species:
         raise ValueError("scrnalf transfer trains single-species models; drop --species / --species-key / --model-species.")
+    if getattr(args, "pretrained_model", None) and args.pretrain_file:
+        raise ValueError("--pretrain-file adds cells to pretraining here; with --pretrained-model nothing is pretrained, drop one.")
     from ..data.cells import open_cells
     from ..data.panel import fit_processor
     from ..data.splits import split_off
@@ -99,14 +102,19 @@ def run_transfer(args) -> list[dict]:
     processor = fit_processor(cells, train)
     unlabelled, rows = _unlabelled_cells(cells, train, processor, args.pretrain_file)
 
-    pretrained_dir = output_dir / "pretrained"
-    logger.info("transfer: pretraining %s on %d unlabelled cells", args.preset, len(rows))
-    pre = finetune(
-        MASKED_GENES, unlabelled, no_targets(unlabelled), rows,
-        training_arguments(MASKED_GENES, pretrained_dir, seed=args.seed, num_train_epochs=args.pretrain_epochs, disable_tqdm=True),
-        preset=args.preset, validation_fraction=0.05, early_stopping_patience=0,
-    )
-    pre.trainer.save_model(str(pretrained_dir))
+    if getattr(args, "pretrained_model", None):
+        # a checkpoint pretrained elsewhere (its own panel and cells); nothing is pretrained here
+        pretrained_dir = args.pretrained_model
+        logger.info("transfer: fine-tuning the given checkpoint %s", pretrained_dir)
+    else:
+        pretrained_dir = output_dir / "pretrained"
+        logger.info("transfer: pretraining %s on %d unlabelled cells", args.preset, len(rows))
+        pre = finetune(
+            MASKED_GENES, unlabelled, no_targets(unlabelled), rows,
+            training_arguments(MASKED_GENES, pretrained_dir, seed=args.seed, num_train_epochs=args.pretrain_epochs, disable_tqdm=True),
+            preset=args.preset, validation_fraction=0.05, early_stopping_patience=0,
+        )
+        pre.trainer.save_model(str(pretrained_dir))
 
     rows_out: list[dict] = []
     test_part = CellPart(cells, targets, test)
