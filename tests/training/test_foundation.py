@@ -76,6 +76,7 @@ def test_transfer_refuses_a_pretrain_file_next_to_a_given_checkpoint(tmp_path, c
     assert "with --pretrained-model nothing is pretrained" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a SOMA store and a pretraining process: ~20 s each
 def test_one_soma_source_streams_and_its_cells_are_counted(tmp_path):
     pytest.importorskip("tiledbsoma_ml")
     from scrnalf_hf.data.soma import write_soma
@@ -93,6 +94,7 @@ def test_one_soma_source_streams_and_its_cells_are_counted(tmp_path):
     assert "streamed from the SOMA experiment" in (output / "README.md").read_text()
 
 
+@pytest.mark.slow  # a SOMA store and a pretraining process: ~20 s each
 def test_a_soma_source_does_not_mix_with_files(tmp_path):
     store, cells = tmp_path / "store", tmp_path / "cells.h5ad"
     store.mkdir()
