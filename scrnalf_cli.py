@@ -449,14 +449,31 @@ def _add_scaling(subparsers) -> None:
     parser.set_defaults(func=_run_scaling, passes_flags_on=True)
 
 
-def _run_scaling(args) -> None:
-    import shlex
+def _cells_to_fit_many_times(args, task, target_key: str | None):
+    """``scaling`` / ``search``: the labelled cells, their targets and the Trainer arguments of
+    every fit (quiet unless ``--verbose``, each fit's checkpoints under ``OUTPUT_DIR/runs``)."""
     from pathlib import Path
 
     from scrnalf_hf.data.cells import open_cells
+    from scrnalf_hf.training.arguments import training_arguments
+    from scrnalf_hf.training.finetune import check_output_folder, read_targets
+
+    check_output_folder(args.output_dir)
+    cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
+                       label_key=args.label_key, name=args.dataset_name)
+    targets = read_targets(task, cells, target_key, args.min_cells_per_label)
+    quiet = [] if args.verbose else ["--log-level", "warning"]
+    training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed,
+                                       flags=[*quiet, "--disable-tqdm", "true", *args.extra_args])
+    return cells, targets, training_args
+
+
+def _run_scaling(args) -> None:
+    import shlex
+
     from scrnalf_hf.training import scaling as scaling_module
-    from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
-    from scrnalf_hf.training.finetune import check_output_folder, read_targets, target_key_of
+    from scrnalf_hf.training.arguments import parse_config_overrides
+    from scrnalf_hf.training.finetune import target_key_of
     from scrnalf_hf.training.tasks import get_task
 
     task = get_task(args.task)
@@ -466,13 +483,7 @@ def _run_scaling(args) -> None:
     sizes = scaling_module.parse_sizes(args.sizes)  # before reading any cell
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
-    check_output_folder(args.output_dir)
-    cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-                       label_key=args.label_key, name=args.dataset_name)
-    targets = read_targets(task, cells, target_key, args.min_cells_per_label)
-    quiet = [] if args.verbose else ["--log-level", "warning"]
-    training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed,
-                                       flags=[*quiet, "--disable-tqdm", "true", *args.extra_args])
+    cells, targets, training_args = _cells_to_fit_many_times(args, task, target_key)
     record = scaling_module.scaling(
         task, cells, targets, sizes, args.methods, args.output_dir, training_args, repeats=args.repeats,
         test_fraction=args.test_fraction, max_test_cells=args.max_test_cells, pretrained=args.pretrained, seed=args.seed,
@@ -531,12 +542,10 @@ def _add_search(subparsers) -> None:
 
 def _run_search(args) -> None:
     import shlex
-    from pathlib import Path
 
-    from scrnalf_hf.data.cells import open_cells
     from scrnalf_hf.training import search as search_module
-    from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
-    from scrnalf_hf.training.finetune import check_output_folder, read_targets, target_key_of
+    from scrnalf_hf.training.arguments import parse_config_overrides
+    from scrnalf_hf.training.finetune import target_key_of
     from scrnalf_hf.training.tasks import get_task
 
     if args.trials < 1:
@@ -545,13 +554,7 @@ def _run_search(args) -> None:
     target_key = target_key_of(task, args)
     if args.species or args.species_key or args.model_species:
         raise ValueError("scrnalf search tunes one-species models; drop --species / --species-key / --model-species.")
-    check_output_folder(args.output_dir)
-    cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-                       label_key=args.label_key, name=args.dataset_name)
-    targets = read_targets(task, cells, target_key, args.min_cells_per_label)
-    quiet = [] if args.verbose else ["--log-level", "warning"]
-    training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed,
-                                       flags=[*quiet, "--disable-tqdm", "true", *args.extra_args])
+    cells, targets, training_args = _cells_to_fit_many_times(args, task, target_key)
     record = search_module.search(
         task, cells, targets, args.output_dir, training_args, n_trials=args.trials, base_preset=args.base_preset,
         max_epochs=args.max_epochs, attention_types=tuple(args.attention_types),
