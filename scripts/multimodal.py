@@ -18,6 +18,8 @@ and measured through the commands a user runs, on the same folds for every metho
        scrnalf compare --label-key cell_subtype --protein-key protein --methods <preset>,logreg --cv K
        scrnalf compare --label-key cell_subtype --methods <preset>,logreg --cv K
 
+   (with ``--protein-key``, logistic regression reads the CLR proteins beside the RNA too);
+
 Writes ``OUTPUT_DIR/protein/``, ``OUTPUT_DIR/classification_rna_protein/`` and
 ``OUTPUT_DIR/classification_rna/`` (each ``comparison.json`` / ``.md`` / ``.png``) and
 ``OUTPUT_DIR/multimodal.json`` / ``multimodal.md`` with every figure, the acceptance checks and
@@ -209,7 +211,8 @@ def _report(summary: dict, preset: str) -> str:
     if "classification" in summary:
         c = summary["classification"]
         for inputs, label in (("rna_protein", "RNA + protein"), ("rna", "RNA only")):
-            for method, name in ((preset, f"{preset} preset"), ("logreg", "logistic regression (RNA)")):
+            baseline = f"logistic regression ({label}: the same inputs)"
+            for method, name in ((preset, f"{preset} preset"), ("logreg", baseline)):
                 lines.append(
                     f"| cell_subtype from {label} | {name} | accuracy / macro-F1 | {c[inputs][method]['accuracy']:.3f} / "
                     f"{c[inputs][method]['macro_f1']:.3f} |"

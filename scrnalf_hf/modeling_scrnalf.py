@@ -516,6 +516,9 @@ class ScrnaLongformerProteinEmbeddings(nn.Module):
     input (masked-modality training, RNA-only inference) or not measured get a learned mask
     vector instead of their value encoding.
 
+    ``summarize`` gives the cell's protein summary: one linear map of the shown proteins' levels
+    and of which proteins are hidden, so that each protein has its own direction in it.
+
     Input ``protein_expression`` (batch, P) float or None (every protein hidden), ``hidden``
     (batch, P) bool; output (batch, P, d_model).
     """
@@ -526,6 +529,16 @@ class ScrnaLongformerProteinEmbeddings(nn.Module):
         self.value_input = nn.Linear(1, config.d_model)
         self.value_output = nn.Linear(config.d_model, config.d_model)
         self.mask_embedding = nn.Parameter(torch.zeros(config.d_model))
+        self.summary = nn.Linear(2 * config.n_proteins, config.d_model)
+
+    def summarize(self, protein_expression: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+        """(batch, P) CLR levels or None, (batch, P) bool hidden -> (batch, d_model). Hidden
+        proteins enter as 0 plus their hidden flag: a level of 0 is a real CLR value."""
+        dtype = self.summary.weight.dtype
+        shown = hidden.new_zeros(hidden.shape, dtype=dtype) if protein_expression is None else (
+            protein_expression.to(dtype).masked_fill(hidden, 0.0)
+        )
+        return self.summary(torch.cat([shown, hidden.to(dtype)], dim=-1))
 
     def forward(self, protein_expression: torch.Tensor | None, hidden: torch.Tensor, batch: int) -> torch.Tensor:
         proteins = self.protein_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)  # (b, P, d)
@@ -631,7 +644,7 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
     state per protein (P = 0 without proteins).
 
     The cell token starts as the RNA cell embedding plus, for cells with ATAC, the ATAC cell
-    embedding; each protein token as its protein embedding, its value encoding (or the mask
+    embedding and, in a model with proteins, the protein summary; each protein token as its protein embedding, its value encoding (or the mask
     vector) and the cell token. Modalities a cell lacks (``protein_expression`` None,
     ``peak_mask`` all False or ``peak_accessibility`` None) are hidden, so a multimodal model
     still runs on RNA alone.
@@ -672,6 +685,11 @@ class ScrnaLongformerCrossModalFusion(nn.Module):
             cell = cell + torch.where(has_atac, (atac.cell_embedding + atac_type).unsqueeze(1), 0.0)
             keys.append(atac.last_hidden_state[:, 1:] + atac_type)  # peak tokens (b, n_peaks, d)
             key_masks.append(peak_mask)
+        if self.protein_embeddings is not None:
+            # the protein summary joins the cell token as the ATAC summary does: attention of one
+            # token over 1 + P + G keys reads a few proteins' levels only faintly, and a cell type
+            # told apart by proteins alone never reached the classifier
+            cell = cell + self.protein_embeddings.summarize(protein_expression, hidden_proteins).unsqueeze(1)
         fused = cell
         if self.protein_embeddings is not None:
             protein_type = types[self.modality_types["protein"]]
@@ -893,6 +911,9 @@ class ScrnaLongformerPreTrainedModel(PreTrainedModel):
             # unit scale like the gene embeddings: the fusion layers are pre-LayerNorm
             init.normal_(module.protein_embeddings.weight, mean=0.0, std=1.0)
             init.normal_(module.mask_embedding, mean=0.0, std=1.0)
+            # a unit-scale random projection of the panel, like the pooled RNA cell embedding
+            init.normal_(module.summary.weight, mean=0.0, std=module.summary.in_features ** -0.5)
+            init.zeros_(module.summary.bias)
         elif isinstance(module, ScrnaLongformerModel):
             init.copy_(module.gene_neighbors, default_gene_neighbors(self.config.n_genes, self.config.knn_k))
         elif isinstance(module, ScrnaLongformerPeakEncoder):

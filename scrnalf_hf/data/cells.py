@@ -179,6 +179,20 @@ class Cells:
             return None
         return np.asarray(self.dataset.with_format("numpy")[TIME_POINT_COLUMN], dtype=np.float32)
 
+    def protein_levels(self, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), P) float32 CLR-normalised protein levels of ``rows`` in the cells' own
+        protein order (``genes.protein_names``), or None when the cells carry no proteins."""
+        return None if self._protein_levels is None else self._protein_levels[np.asarray(rows)]
+
+    @functools.cached_property
+    def _protein_levels(self) -> np.ndarray | None:
+        if self.genes.protein_names is None or "protein" not in self.dataset.column_names:
+            return None
+        from ..processing_scrnalf import clr_normalize
+
+        counts = np.asarray(self.dataset.with_format("numpy")["protein"], dtype=np.float64)  # (n_cells, P)
+        return clr_normalize(counts).astype(np.float32)
+
     def obs_column(self, key: str) -> np.ndarray:
         """(n_cells,) values of a stored ``obs`` column, by its ``obs`` name (``label`` answers to
         the label key it was converted from)."""

@@ -454,29 +454,46 @@ class _PanelRows:
     rows: np.ndarray
     processor: ScrnaLongformerProcessor
     columns: np.ndarray | None = None
+    proteins: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         n_genes = self.processor.n_genes if self.columns is None else len(self.columns)
-        return len(self.rows), n_genes + self.cells.has_time_points
+        n_proteins = len(self.cells.genes.protein_names) if self.proteins else 0
+        return len(self.rows), n_genes + self.cells.has_time_points + n_proteins
 
     def __getitem__(self, part: slice):
-        return baseline_features(self.cells, self.rows[part], self.processor, self.columns)
+        return baseline_features(self.cells, self.rows[part], self.processor, self.columns, self.proteins)
 
 
 def baseline_features(
-    cells: Cells, rows: np.ndarray, processor: ScrnaLongformerProcessor, columns: np.ndarray | None = None
+    cells: Cells,
+    rows: np.ndarray,
+    processor: ScrnaLongformerProcessor,
+    columns: np.ndarray | None = None,
+    proteins: bool = False,
 ) -> sp.csr_matrix:
     """(len(rows), n_features) what the baselines read of ``rows``: the processor's panel values
-    (the ``columns`` of them where given) and, for cells with time points, each cell's time point
-    as one more column — a time-conditioned model reads it, so its baselines do too."""
+    (the ``columns`` of them where given); for cells with time points, each cell's time point
+    as one more column — a time-conditioned model reads it, so its baselines do too; with
+    ``proteins``, the cells' CLR protein levels as P more columns (a classifier of RNA + protein
+    is compared with baselines that read both)."""
     matrix = panel_matrix(cells, rows, processor)
     if columns is not None:
         matrix = matrix[:, columns]
     time_points = cells.time_points(rows)
     if time_points is not None:
         matrix = sp.hstack([matrix, sp.csr_matrix(time_points[:, None])], format="csr")
+    if proteins:
+        matrix = sp.hstack([matrix, sp.csr_matrix(cells.protein_levels(rows))], format="csr")
     return matrix
+
+
+def baselines_read_proteins(task: Task, cells: Cells) -> bool:
+    """Whether the baselines of ``task`` read the cells' proteins as features: a classifier's do
+    when the cells carry proteins (the model reads them); the protein task's proteins are its
+    targets."""
+    return task.name != "protein" and config_uses_proteins(task) and cells.protein_levels(np.arange(0)) is not None
 
 
 def baseline_columns(processor: ScrnaLongformerProcessor) -> np.ndarray | None:
@@ -521,8 +538,9 @@ def fit_baselines(
     columns = baseline_columns(processor)
     if columns is not None:
         logger.info("baselines read the %d one-to-one ortholog tokens of the %d-token panel", len(columns), processor.n_genes)
-    train_features = baseline_features(train.cells, train.rows, processor, columns)
-    test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor, columns)
+    proteins = baselines_read_proteins(task, train.cells)
+    train_features = baseline_features(train.cells, train.rows, processor, columns, proteins)
+    test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor, columns, proteins)
     rows, predictions = [], {}
     for name in names:
         fitted = fit_baseline(

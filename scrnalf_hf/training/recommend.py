@@ -117,7 +117,7 @@ def study_from_record(record: dict, source: str) -> dict:
         "source": source, "dataset": settings["dataset"], "description": settings.get("description"),
         "label_key": settings["label_key"], "n_genes": settings["n_genes"], "n_classes": settings["n_classes"],
         "n_test_cells": settings["n_test_cells"], "sizes": sorted({e["size"] for e in record["summary"]}),
-        "epoch_budget_cells": settings.get("epoch_budget_cells"), "command": record["command"],
+        "epoch_budget_cells": settings.get("epoch_budget_cells"), "command": " ; ".join(record.get("commands", [record["command"]])),
         "machine": f"{record['machine'].get('cpu', '?')}, {record['machine'].get('threads', '?')} threads",
         "points": [
             {k: e[k] for k in ("method", "size", "repeats", "macro_f1", "macro_f1_ci95", "train_seconds",

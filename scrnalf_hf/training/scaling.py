@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 WATTS_PER_CORE = 10.0
 PRETRAINED = "pretrained"
 REFERENCE = "logreg"  # the curve every other method is compared with for crossovers
+GROWABLE_SETTINGS = ("sizes", "methods", "repeats")  # what --resume may add to
 SCALING_FILES = ("scaling.json", "scaling.md", "scaling.png")
 
 
@@ -208,14 +209,15 @@ def _fit_transformer(task, cells, targets, subset, test, method, training_args, 
 def _fit_baselines(task, cells, targets, subset, test, names, *, seed, class_weighting, n_top_genes) -> dict[str, dict]:
     """Each baseline on the subsample's panel, timed apart: panel and features are built once per
     subsample (``panel_seconds``, shared by the baselines and not counted in their training)."""
-    from ..data.cells import panel_matrix
     from ..data.panel import fit_processor
     from .baselines import fit_baseline
+    from .finetune import baseline_features, baselines_read_proteins
 
     with _Stopwatch() as panel:
         processor = fit_processor(cells, subset, n_top_genes, seed=seed)
-        train_features = panel_matrix(cells, subset, processor)
-        test_features = panel_matrix(test.cells, test.rows, processor)
+        proteins = baselines_read_proteins(task, cells)
+        train_features = baseline_features(cells, subset, processor, proteins=proteins)
+        test_features = baseline_features(test.cells, test.rows, processor, proteins=proteins)
     fitted = {}
     for name in names:
         with _Stopwatch() as whole:
@@ -311,7 +313,9 @@ def scaling(
         epoch_budget_cells: cap the transformer fits at this many cell passes
             (:func:`epochs_for`); ``None``: the recipe's epochs at every size.
         watts_per_core: the power per busy core of the energy estimate.
-        resume: keep the rows of an earlier run with the same settings in ``output_dir``.
+        resume: keep the rows of an earlier run in ``output_dir`` with the same settings, except
+            that this run may add sizes, methods and repeats (the record then holds them all, and
+            ``commands`` every command line that wrote it).
         command: the command line that produced the run (recorded in scaling.json).
         description: what the data are (e.g. the simulator's settings), recorded with the run.
 
@@ -393,10 +397,19 @@ def scaling(
         if not resume:
             raise ValueError(f"{json_path} exists; pass --resume to carry on with it, or choose a new --output-dir.")
         earlier = json.loads(json_path.read_text())
-        if earlier.get("settings") != settings:
-            changed = sorted(k for k in settings if earlier.get("settings", {}).get(k) != settings[k])
+        before = earlier.get("settings", {})
+        changed = sorted(k for k in settings if k not in GROWABLE_SETTINGS and before.get(k) != settings[k])
+        if changed:
             raise ValueError(f"cannot resume {json_path}: its run had other settings ({', '.join(changed)}).")
         rows = earlier["rows"]
+        # a resumed study may add sizes, methods or repeats: every subsample and the test set
+        # follow from the seed, so the new fits see the cells the earlier ones would have
+        settings.update(
+            sizes=sorted(set(before["sizes"]) | set(sizes)),
+            methods=list(dict.fromkeys([*before["methods"], *method_names])),
+            repeats=max(int(before["repeats"]), int(repeats)),
+        )
+        record["commands"] = [*earlier.get("commands", [earlier["command"]]), record["command"]]
     done = {(row["method"], row["size"], row["repeat"]) for row in rows}
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -568,7 +581,7 @@ def scaling_table(record: dict) -> str:
         f"**{settings['dataset']}** · `{settings['label_key']}` · {settings['n_classes']} classes · {settings['n_genes']:,} genes · "
         f"fixed held-out test set of {settings['n_test_cells']:,} cells · {settings['repeats']} repeat(s) per size",
         "",
-        "```bash", record["command"], "```", "",
+        "```bash", *record.get("commands", [record["command"]]), "```", "",
     ]
     if settings.get("description"):
         lines += [settings["description"], ""]

@@ -150,3 +150,30 @@ def test_simulated_proteins_follow_their_known_relations_and_carry_a_state_rna_l
     plain = simulate(400, 60, seed=0, n_modules=3, markers_per_type=3, n_cell_types=2)
     assert (plain.X != adata.X).nnz == 0
     assert set(adata.obs["cell_subtype"].cat.categories) == {f"type_{t}_{s}" for t in range(2) for s in ("low", "high")}
+
+
+def test_classification_baselines_read_the_proteins_the_model_reads():
+    """A classifier of RNA + protein is compared with baselines that read both: the simulated
+    protein state (no gene sees it) splits each cell type in two, and only logistic regression
+    given the proteins tells the halves apart. The protein task's proteins are its targets."""
+    from scrnalf_hf.training.finetune import CellPart, baseline_features, baselines_read_proteins, fit_baselines
+
+    classification = get_task("classification")
+    adata = simulate(400, 60, seed=0, n_proteins=6, n_modules=3, markers_per_type=3, n_cell_types=2)
+    scores = {}
+    for name, cells in (("rna", open_cells(adata, label_key="cell_subtype", progress=False)),
+                        ("rna_protein", open_cells(adata, label_key="cell_subtype", protein_key="protein", progress=False))):
+        targets = read_targets(classification, cells, "cell_subtype")
+        train, test = np.arange(300), np.arange(300, 400)
+        processor = fit_processor(cells, train)
+        reads = baselines_read_proteins(classification, cells)
+        features = baseline_features(cells, test, processor, proteins=reads).toarray()
+        assert reads == (name == "rna_protein")
+        assert features.shape == (100, processor.n_genes + 6 * reads)
+        if reads:
+            np.testing.assert_allclose(features[:, -6:], clr_normalize(adata.obsm["protein"])[test], rtol=1e-5, atol=1e-6)
+            assert not baselines_read_proteins(PROTEIN, cells)
+        rows, _ = fit_baselines(classification, processor, CellPart(cells, targets, train), CellPart(cells, targets, test),
+                                ["logreg"])
+        scores[name] = rows[0]["macro_f1"]
+    assert scores["rna_protein"] > scores["rna"] + 0.25, scores

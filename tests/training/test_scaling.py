@@ -136,8 +136,32 @@ def test_resume_keeps_finished_fits_and_refuses_other_settings(tmp_path, monkeyp
     monkeypatch.setattr(module, "_fit_baselines", no_fit)
     again = scaling(CLASSIFICATION, cells, targets, "12", "logreg", out, args, repeats=1, resume=True)
     assert again["rows"] == before
-    with pytest.raises(ValueError, match="other settings"):
-        scaling(CLASSIFICATION, cells, targets, "12", "logreg", out, args, repeats=2, resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(n_pool_cells, n_test_cells\)"):
+        scaling(CLASSIFICATION, cells, targets, "12", "logreg", out, args, repeats=1, max_test_cells=5, resume=True)
+
+
+def test_resume_adds_sizes_and_repeats_without_refitting_and_records_every_command(tmp_path, monkeypatch):
+    cells, targets = marker_cells(n_cells=90, n_genes=40, n_types=3)
+    out = tmp_path / "scaling"
+    args = training_arguments(CLASSIFICATION, out / "runs", disable_tqdm=True)
+    first = scaling(CLASSIFICATION, cells, targets, "12", "logreg", out, args, repeats=1, command="first")
+    from scrnalf_hf.training import scaling as module
+
+    fitted_sizes = []
+    fit_baselines = module._fit_baselines
+
+    def counted(task, cells, targets, subset, *rest, **options):
+        fitted_sizes.append(len(subset))
+        return fit_baselines(task, cells, targets, subset, *rest, **options)
+
+    monkeypatch.setattr(module, "_fit_baselines", counted)
+    grown = scaling(CLASSIFICATION, cells, targets, "12,30", "logreg", out, args, repeats=2, resume=True, command="second")
+    # (12, repeat 0) was measured: only (12, 1), (30, 0) and (30, 1) are fitted
+    assert sorted(fitted_sizes) == [12, 30, 30]
+    assert [r for r in grown["rows"] if (r["size"], r["repeat"]) == (12, 0)] == first["rows"]
+    assert grown["settings"]["sizes"] == [12, 30] and grown["settings"]["repeats"] == 2
+    assert grown["commands"] == ["first", "second"] and grown["unfinished"] == []
+    assert "first\nsecond" in (out / "scaling.md").read_text()
 
 
 def test_a_preset_fit_is_timed_and_scored_on_the_test_set(tmp_path):
