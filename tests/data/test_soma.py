@@ -97,7 +97,7 @@ def test_each_cell_once_per_epoch_across_emulated_ranks_and_a_new_order_each_epo
     _, uri = store
     cells = open_soma(uri)
     stream = cells.with_targets(np.arange(60) * 10).select(np.arange(60))
-    seen, first_orders = Counter(), []
+    seen = Counter()
     for rank in range(world_size):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world_size))

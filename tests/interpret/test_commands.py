@@ -3,7 +3,6 @@ small trained classifier: what they write, and that a failure writes nothing."""
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 from helpers import marker_adata, write_h5ad

@@ -8,7 +8,6 @@ import anndata as ad
 import mudata
 import numpy as np
 import pandas as pd
-import pytest
 from helpers import write_h5ad
 
 from scrnalf_cli import main
