@@ -570,11 +570,19 @@ def _speed(cells_per_second: float) -> str:
     return f"{cells_per_second:,.0f}" if cells_per_second >= 100 else f"{cells_per_second:.3g}"
 
 
+def _display_order(methods) -> list[str]:
+    """Transformer methods first (in study order), then the baselines, the majority floor last:
+    a resumed study that added a preset shows it beside the other presets."""
+    from .tasks import CLASSIFICATION
+
+    return sorted(methods, key=lambda m: (m in CLASSIFICATION.baselines, m == "majority"))
+
+
 def scaling_table(record: dict) -> str:
     """The Markdown of scaling.md: the command, macro-F1 per size and method (mean [95% interval]),
     then timings, speeds and energy estimates, then the crossovers."""
     summary, settings = record["summary"], record["settings"]
-    methods = [m for m in settings["methods"] if any(e["method"] == m for e in summary)]
+    methods = _display_order(m for m in settings["methods"] if any(e["method"] == m for e in summary))
     sizes = sorted({e["size"] for e in summary})
     by = {(e["method"], e["size"]): e for e in summary}
     lines = [
@@ -613,7 +621,8 @@ def scaling_table(record: dict) -> str:
     missing = record.get("unfinished") or []
     if missing:
         listed = ", ".join(f"{e['method']} at {e['size']:,} ({e['repeats_done']} of {settings['repeats']} repeats)" for e in missing)
-        lines += ["", f"**Not measured** (the run stopped before these fits): {listed}."]
+        lines += ["", f"**Not measured** (fewer repeats than the study's {settings['repeats']}: a run stopped before them, "
+                  f"or the command that added them asked for fewer): {listed}."]
     sentences = crossover_sentences(record["crossovers"])
     if sentences:
         lines += ["", "Crossovers with logistic regression (mean curves):", ""] + [f"- {s}" for s in sentences]
@@ -634,7 +643,7 @@ def plot_scaling(record: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = record["summary"]
-    methods = [m for m in record["settings"]["methods"] if any(e["method"] == m for e in summary)]
+    methods = _display_order(m for m in record["settings"]["methods"] if any(e["method"] == m for e in summary))
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     for method in methods:
         chosen = sorted((e for e in summary if e["method"] == method), key=lambda e: e["size"])
