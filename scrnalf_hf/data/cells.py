@@ -192,7 +192,7 @@ class Cells:
         rows = np.asarray(rows, dtype=np.int64)
         open_peaks = self.dataset.select_columns(["peaks"]).with_format("arrow")[rows]["peaks"].combine_chunks()
         offsets = open_peaks.offsets.to_numpy()
-        indices = open_peaks.values.to_numpy()
+        indices = open_peaks.flatten().to_numpy()  # the rows' entries only, also of a sliced array
         return sp.csr_matrix(
             (np.ones(len(indices), dtype=np.float32), indices, offsets - offsets[0]),
             shape=(len(rows), len(self.genes.peak_names)),
