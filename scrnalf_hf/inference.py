@@ -331,6 +331,7 @@ def _process_file(
     import h5py
 
     from .data.anndata_io import open_anndata
+    from .data.multimodal import is_mudata_path
 
     input_path, output_path = Path(input_path), Path(output_path)
     if batch_size < 1:
@@ -344,8 +345,6 @@ def _process_file(
     model, processor = load_model(model_name_or_path, head=head, revision=revision)
     task = _predicting_task(model) if head else None
     staging = staging_path(output_path.parent, f".{output_path.name}.incomplete")
-    from .data.multimodal import is_mudata_path
-
     if is_mudata_path(input_path):
         _process_mudata(input_path, output_path, staging, model, processor, task, layer, use_raw, batch_size, species, time_point_key)
         return

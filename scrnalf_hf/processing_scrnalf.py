@@ -375,8 +375,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         if self.peak_names is not None:
             if not self.peak_names:
                 raise ValueError("peak_names is empty: a multiome processor needs at least one peak.")
-            lengths = {len(self.peak_coordinates.get(k, ())) for k in ("chrom", "start", "end")} if self.peak_coordinates else {None}
-            if lengths != {len(self.peak_names)}:
+            coordinates = self.peak_coordinates or {}
+            if any(len(coordinates.get(key, ())) != len(self.peak_names) for key in ("chrom", "start", "end")):
                 raise ValueError("peak_coordinates must give chrom, start and end of each of the peak_names.")
 
     def _check_species_genes(self) -> None:
