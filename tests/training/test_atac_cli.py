@@ -112,6 +112,7 @@ def test_finetune_saves_the_peak_panel_and_the_peak_graph(trained, h5mu):
     expected = build_peak_graph(parse_peak_coordinates(var.index, var), model.config.peak_knn_k)
     np.testing.assert_array_equal(build_peak_graph(coordinates, model.config.peak_knn_k), expected)
     np.testing.assert_array_equal(model.fusion.peak_encoder.peak_neighbors.numpy(), expected)
+    assert f"ATAC ({N_PEAKS} peaks" in (trained / "README.md").read_text()  # the model card says what it reads
 
 
 def test_predict_reads_the_h5mu_atac_modality_or_runs_on_rna_alone(trained, h5mu, tmp_path):
