@@ -1346,6 +1346,9 @@ def _atac_cases() -> list[Case]:
              atac_finetune("--task", "trajectory", "--time-key", "time", label=False), "only cell classification reads ATAC"),
         Case("compare-atac-key-on-h5ad", "compare", "--atac-key on an .h5ad file (ATAC needs a .h5mu)",
              lambda w, t, mp: cmp(w.good, t, "--atac-key", "atac"), "not one; give a MuData file"),
+        Case("finetune-atac-key-with-soma-uri", "finetune", "--atac-key with --soma-uri (ATAC needs a .h5mu)",
+             lambda w, t, mp: cli("finetune", "--soma-uri", soma_store(t), "--label-key", "cell_type", "--atac-key", "atac",
+                                  "--output-dir", t / "out", *TRAIN, fresh=[t / "out"]), "read as RNA only"),
     ]
 
 

@@ -806,6 +806,8 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     if data_args.soma_uri is not None:
         from ..data.soma import open_soma
 
+        if data_args.atac_key is not None:
+            raise ValueError("--atac-key reads the ATAC modality of a .h5mu file; a SOMA experiment (--soma-uri) is read as RNA only.")
         cells = open_soma(
             data_args.soma_uri, measurement=data_args.measurement, layer=data_args.soma_layer,
             obs_filter=data_args.obs_filter, var_filter=data_args.var_filter, input_kind=data_args.input_kind,
