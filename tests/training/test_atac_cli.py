@@ -172,3 +172,19 @@ def test_proteins_and_peaks_together(tmp_path):
     )
     assert {"protein_expression", "protein_mask", "peak_accessibility", "peak_mask"} <= set(batch)
     assert model(**batch).logits.shape == (4, model.config.num_labels)
+
+
+def test_embed_of_an_h5mu_writes_the_rna_encoders_embeddings(trained, h5mu, tmp_path):
+    assert main(["embed", "--model", str(trained), "--input", str(h5mu[0]), "--output", str(tmp_path / "embedded.h5ad")]) == 0
+    embedded = ad.read_h5ad(tmp_path / "embedded.h5ad")
+    assert embedded.obsm["X_scrnalf"].shape == (N_CELLS, json.loads((trained / "config.json").read_text())["d_model"])
+
+
+def test_compare_fits_the_baselines_on_rna_and_peaks(h5mu, tmp_path):
+    path = h5mu[0]
+    assert main(["compare", "--train-file", str(path), "--label-key", "cell_type", "--atac-key", "atac", "--methods", "logreg",
+                 "--cv", "2", "--folds", "0", "--output-dir", str(tmp_path / "cmp")]) == 0
+    rows = {row["method"]: row for row in json.loads((tmp_path / "cmp" / "comparison.json").read_text())}
+    n_classes = mudata.read_h5mu(path).mod["rna"].obs["cell_type"].nunique()
+    # one weight per class and feature: the features are the genes and the peaks
+    assert rows["logreg"]["n_parameters"] >= n_classes * (N_GENES + N_PEAKS)
