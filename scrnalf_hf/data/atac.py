@@ -117,9 +117,9 @@ def binarize_peaks(counts, where: str = "the ATAC counts", sparse: bool = False)
     Counts must be finite and non-negative. ``sparse``: a CSR result, never densified (the
     checks then read the stored values only: the implicit zeros are valid counts)."""
     if sparse:
-        matrix = sp.csr_matrix(counts)
+        matrix = sp.csr_matrix(counts, copy=True)  # eliminate_zeros edits the index arrays in place
         binarize_peaks(matrix.data[None, :], where)  # the same checks, on the stored values
-        matrix = sp.csr_matrix(((matrix.data > 0).astype(np.float32), matrix.indices, matrix.indptr), shape=matrix.shape)
+        matrix.data = (matrix.data > 0).astype(np.float32)
         matrix.eliminate_zeros()
         return matrix
     values = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
@@ -181,7 +181,8 @@ def peaks_from_modality(modality, rna_ids: pd.Index, name: str = ATAC_MODALITY, 
 
 
 def read_atac(path, atac_modality: str = ATAC_MODALITY, rna_modality: str = RNA_MODALITY, sparse: bool = False):
-    """``(rna AnnData, Peaks)`` of a ``.h5mu`` file with an RNA and an ATAC modality."""
+    """``(rna AnnData, Peaks)`` of a ``.h5mu`` file with an RNA and an ATAC modality (the
+    accessibility a CSR matrix with ``sparse``)."""
     mdata, rna = read_h5mu(path, rna_modality)
     return rna, peaks_of_mudata(mdata, rna, path, atac_modality, sparse)
 

@@ -10,12 +10,13 @@ import mudata
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 from scrnalf_cli import main
 from scrnalf_hf import ScrnaLongformerProcessor
 from scrnalf_hf.data import open_cells
-from scrnalf_hf.data.atac import PeakCoordinates, build_peak_graph, parse_peak_coordinates
+from scrnalf_hf.data.atac import PeakCoordinates, binarize_peaks, build_peak_graph, parse_peak_coordinates
 from scrnalf_hf.data.collators import CellCollator
 from scrnalf_hf.data.panel import fit_processor
 from scrnalf_hf.data.simulation import simulate_multiome
@@ -67,6 +68,17 @@ def trained(h5mu, tmp_path_factory):
     assert main(["finetune", "--train-file", str(path), "--label-key", "cell_type", "--atac-key", "atac",
                  "--output-dir", str(output), *TRAIN]) == 0
     return output
+
+
+def test_sparse_binarisation_equals_the_dense_one_and_checks_the_same():
+    counts = sp.random(30, 50, density=0.2, format="csr", random_state=0, data_rvs=lambda n: np.arange(n) % 4)
+    before = counts.copy()
+    sparse = binarize_peaks(counts, sparse=True)
+    assert (counts != before).nnz == 0  # the input is left as it was
+    assert sp.issparse(sparse) and sparse.dtype == np.float32 and (sparse.data == 1).all()  # explicit zeros dropped
+    np.testing.assert_array_equal(sparse.toarray(), binarize_peaks(counts))
+    with pytest.raises(ValueError, match="negative"):
+        binarize_peaks(-counts, sparse=True)
 
 
 def test_convert_keeps_each_cells_open_peaks_sparse_and_matched_by_cell_id(h5mu, tmp_path):
