@@ -104,17 +104,18 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--num-proc", type=int, default=1, help="worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR once the new dataset is complete")
     parser.add_argument("--protein-key", help="keep the cells' proteins (CITE-seq): an obsm key, or a .h5mu protein modality (e.g. prot)")
+    parser.add_argument("--atac-key", help="keep the cells' open ATAC peaks (multiome): a .h5mu modality (e.g. atac)")
     parser.set_defaults(func=_run_convert)
 
 
 def _run_convert(args) -> None:
     from scrnalf_hf.data.convert import convert_anndata
-    from scrnalf_hf.data.multimodal import read_proteins
+    from scrnalf_hf.data.multimodal import read_modalities
     from scrnalf_hf.hub import write_dataset_card
 
-    source, proteins = read_proteins(args.input, args.protein_key)
+    source, proteins, peaks = read_modalities(args.input, args.protein_key, args.atac_key)
     dataset = convert_anndata(
-        source, args.output_dir, proteins=proteins, label_key=args.label_key, obs_keys=args.obs_keys, species=args.species,
+        source, args.output_dir, proteins=proteins, peaks=peaks, label_key=args.label_key, obs_keys=args.obs_keys, species=args.species,
         species_key=args.species_key, batch_key=args.batch_key, layer=args.layer, use_raw=args.use_raw,
         require_counts=args.require_counts, gene_id_key=args.gene_id_key, allow_empty_genes=args.allow_empty_genes,
         chunk_size=args.chunk_size, num_proc=args.num_proc, overwrite=args.overwrite, card_writer=write_dataset_card,
@@ -184,6 +185,8 @@ def _add_data_options(parser, tasks: bool = True) -> None:
         parser.add_argument("--protein-key", default=None,
                             help="the cells' proteins: an obsm key or a .h5mu modality (--task protein: default protein_expression / "
                             "prot; classification then reads RNA + proteins)")
+        parser.add_argument("--atac-key", default=None,
+                            help="the cells' ATAC peaks: a .h5mu modality, e.g. atac (classification then reads RNA + peaks)")
     parser.add_argument("--layer", default=None, help="AnnData layer ('X' for X; default: layers['counts'], .raw, then X)")
     parser.add_argument("--use-raw", action="store_true", help="read .raw.X")
     parser.add_argument("--input-kind", default="auto", choices=["auto", "counts", "log1p"],
@@ -206,7 +209,7 @@ def _run_compare(args) -> None:
     from scrnalf_hf.data.species import with_species_setup
     from scrnalf_hf.training.arguments import parse_config_overrides, training_arguments
     from scrnalf_hf.training.compare import compare
-    from scrnalf_hf.training.finetune import protein_key_of, read_targets, target_key_of, target_obs_keys, with_time_points
+    from scrnalf_hf.training.finetune import atac_key_of, protein_key_of, read_targets, target_key_of, target_obs_keys, with_time_points
     from scrnalf_hf.training.tasks import get_task
 
     task = get_task(args.task)
@@ -220,13 +223,14 @@ def _run_compare(args) -> None:
         raise ValueError("say the species of the --test-file cells too: --test-species NAME or --test-species-key OBS_COLUMN.")
     cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
                        label_key=args.label_key, name=args.dataset_name, species=args.species, species_key=args.species_key,
-                       obs_keys=target_obs_keys(task, target_key, args.time_point_key), protein_key=protein_key_of(task, args, args.train_file))
+                       obs_keys=target_obs_keys(task, target_key, args.time_point_key), protein_key=protein_key_of(task, args, args.train_file),
+                       atac_key=atac_key_of(task, args))
     test_cells = test_targets = None
     if args.test_file:
         test_cells = open_cells(args.test_file, layer=args.layer, use_raw=args.use_raw, input_kind=cells.input_kind,
                                 label_key=args.label_key, species=args.test_species, species_key=args.test_species_key,
                                 obs_keys=target_obs_keys(task, target_key, args.time_point_key),
-                                protein_key=protein_key_of(task, args, args.test_file))
+                                protein_key=protein_key_of(task, args, args.test_file), atac_key=atac_key_of(task, args))
     model_species = args.model_species
     test_species = None if test_cells is None else test_cells.cell_species()
     if test_species is not None and model_species is None:
@@ -456,11 +460,11 @@ def _cells_to_fit_many_times(args, task, target_key: str | None):
 
     from scrnalf_hf.data.cells import open_cells
     from scrnalf_hf.training.arguments import training_arguments
-    from scrnalf_hf.training.finetune import check_output_folder, read_targets
+    from scrnalf_hf.training.finetune import atac_key_of, check_output_folder, read_targets
 
     check_output_folder(args.output_dir)
     cells = open_cells(args.train_file, layer=args.layer, use_raw=args.use_raw, input_kind=args.input_kind,
-                       label_key=args.label_key, name=args.dataset_name)
+                       label_key=args.label_key, name=args.dataset_name, atac_key=atac_key_of(task, args))
     targets = read_targets(task, cells, target_key, args.min_cells_per_label)
     quiet = [] if args.verbose else ["--log-level", "warning"]
     training_args = training_arguments(task, Path(args.output_dir) / "runs", seed=args.seed,

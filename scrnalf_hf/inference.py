@@ -22,6 +22,11 @@ run to the same output removes those whose process is gone (:mod:`scrnalf_hf.sta
 SOMA experiment instead, on one process or several (torchrun / ``accelerate launch``): each process
 reads its own block of cells chunk by chunk and writes a shard into a staging folder beside the
 output; rank 0 merges the shards into one ``.h5ad`` and renames it into place.
+
+A ``.h5mu`` (MuData) input is read whole: its RNA modality ``rna`` is annotated and written as
+the output ``.h5ad``. A classifier with an ``atac`` modality also reads the file's ``atac``
+modality when it has one (cells matched by id, peaks matched to the model's panel by name; panel
+peaks the file lacks are unmeasured); without it the model reads RNA only.
 """
 
 from __future__ import annotations
@@ -149,12 +154,14 @@ def _annotated_chunks(
     species: str | None,
     alignment: GeneAlignment,
     time_points: np.ndarray | None = None,
+    peaks=None,
 ) -> Iterator[tuple[int, ad.AnnData]]:
     """For each ``(first row, cells × genes matrix, library sizes or None)`` chunk, an AnnData of
     those cells (no X) holding what the run writes: the task's predictions (``task`` None: none)
     and the embeddings. Library sizes (n,) are given where the matrix holds only some of each
     cell's genes, else the processor sums the rows. ``time_points``: (n_cells,) of a
-    time-conditioned trajectory model."""
+    time-conditioned trajectory model; ``peaks``: the cells'
+    :class:`~scrnalf_hf.data.atac.Peaks` (rows in ``obs`` order) for a multiome classifier."""
     model.eval()
     for first, matrix, library_size in chunks:
         features = processor(
@@ -163,6 +170,9 @@ def _annotated_chunks(
         )
         if time_points is not None:
             features["time_points"] = torch.from_numpy(time_points[first : first + matrix.shape[0]])
+        if peaks is not None:
+            chunk_peaks = processor.peaks(peaks.accessibility[first : first + matrix.shape[0]], peaks.names, peaks.source)
+            features.update({name: torch.from_numpy(values) for name, values in chunk_peaks.items()})
         output = model(**features)
         cells = ad.AnnData(obs=obs.iloc[first : first + matrix.shape[0]].copy())
         if task is not None:
@@ -190,9 +200,11 @@ def _run_record(model, overlap: dict) -> dict:
 
 
 def _annotate(
-    adata, model, processor, task, layer, use_raw, batch_size: int, species: str | None = None, time_point_key: str | None = None
+    adata, model, processor, task, layer, use_raw, batch_size: int, species: str | None = None, time_point_key: str | None = None,
+    peaks=None,
 ) -> None:
-    """Run ``model`` over an in-memory AnnData and write what it produces into it."""
+    """Run ``model`` over an in-memory AnnData (and its cells' ``peaks``, if any) and write what it
+    produces into it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}.")
     time_points = _time_points(model, adata.obs, time_point_key) if task is not None else None
@@ -202,7 +214,8 @@ def _annotate(
     parts = [
         cells
         for _, cells in _annotated_chunks(
-            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species, alignment, time_points
+            model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species, alignment, time_points,
+            peaks,
         )
     ]
     if parts:
@@ -230,18 +243,20 @@ def embed(
 def predict(
     adata, model: ScrnaLongformerPreTrainedModel, processor: ScrnaLongformerProcessor,
     *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256, species: str | None = None,
-    time_point_key: str | None = None,
+    time_point_key: str | None = None, peaks=None,
 ) -> None:
     """Write the model's predictions into ``adata`` as its task declares (module docstring), the
     cell embeddings into ``obsm["X_scrnalf"]`` and the run into ``uns["scrnalf"]``.
     ``species``: the cells' species, for a model of several species; ``time_point_key``: the
-    numeric ``obs`` column of each cell's sampled time, for a time-conditioned trajectory model.
+    numeric ``obs`` column of each cell's sampled time, for a time-conditioned trajectory model;
+    ``peaks``: the cells' :class:`~scrnalf_hf.data.atac.Peaks` (rows in ``adata``'s cell order,
+    e.g. from :func:`~scrnalf_hf.data.atac.read_atac`), for a classifier with an ``atac`` modality.
 
     Raises:
         ValueError: the model has no prediction head (a pretrained masked-gene model or the bare
             encoder): it embeds cells, or is fine-tuned first.
     """
-    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species, time_point_key)
+    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species, time_point_key, peaks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +331,7 @@ def _process_file(
     import h5py
 
     from .data.anndata_io import open_anndata
+    from .data.multimodal import is_mudata_path
 
     input_path, output_path = Path(input_path), Path(output_path)
     if batch_size < 1:
@@ -329,6 +345,9 @@ def _process_file(
     model, processor = load_model(model_name_or_path, head=head, revision=revision)
     task = _predicting_task(model) if head else None
     staging = staging_path(output_path.parent, f".{output_path.name}.incomplete")
+    if is_mudata_path(input_path):
+        _process_mudata(input_path, output_path, staging, model, processor, task, layer, use_raw, batch_size, species, time_point_key)
+        return
     try:
         with open_anndata(input_path, require_counts=False, **_file_matrix_arguments(processor, input_path, layer, use_raw)) as source:
             where = source.matrix_name
@@ -359,6 +378,34 @@ def _process_file(
     finally:
         staging.unlink(missing_ok=True)
     logger.info("wrote %s (%d cells)", output_path, source.n_cells)
+
+
+def _process_mudata(
+    input_path: Path, output_path: Path, staging: Path, model, processor, task, layer, use_raw, batch_size: int,
+    species: str | None, time_point_key: str | None,
+) -> None:
+    """``predict`` / ``embed`` of a ``.h5mu`` file: its RNA modality, annotated in memory (with its
+    ATAC modality for a model that reads peaks), written to ``output_path`` (an ``.h5ad``)."""
+    from .data.atac import ATAC_MODALITY, peaks_of_mudata
+    from .data.multimodal import read_h5mu
+
+    mdata, rna = read_h5mu(input_path)
+    peaks = None
+    # the bare encoder (embed) has no fusion: it embeds the RNA alone
+    if model.config.n_peaks and getattr(model, "fusion", None) is not None and ATAC_MODALITY in mdata.mod:
+        peaks = peaks_of_mudata(mdata, rna, input_path, ATAC_MODALITY, sparse=True)
+    _annotate(rna, model, processor, task, layer, use_raw, batch_size, species, time_point_key, peaks)
+    try:
+        try:
+            rna.write_h5ad(staging)
+        except PermissionError as error:
+            raise PermissionError(
+                f"cannot write in {output_path.parent} ({error.strerror}); choose an --output folder you can write to."
+            ) from error
+        os.replace(staging, output_path)
+    finally:
+        staging.unlink(missing_ok=True)
+    logger.info("wrote %s (%d cells)", output_path, rna.n_obs)
 
 
 def _check_output(output_path: Path, overwrite: bool) -> None:

@@ -285,6 +285,10 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
             ``log1p(x) - mean(log1p(x))`` (the CITE-seq convention of Stoeckius et al. 2017 and
             Seurat's ``NormalizeData(method="CLR", margin=2)`` per cell).
         min_protein_overlap: smallest fraction of the protein panel an input must measure.
+        peak_names: the ATAC peak panel of a multiome model, in model order (length P, e.g.
+            ``chr1:1000-1500``), else None. Peaks of an input are matched to it by name.
+        peak_coordinates: the panel peaks' ``{"chrom", "start", "end"}`` lists (the peak
+            graph is built from them; :class:`~scrnalf_hf.data.atac.PeakCoordinates`).
     """
 
     model_input_names = ["expression", "attention_mask"]
@@ -308,6 +312,8 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         protein_names: Sequence[str] | None = None,
         protein_normalization: str = "clr",
         min_protein_overlap: float = 0.5,
+        peak_names: Sequence[str] | None = None,
+        peak_coordinates: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -364,6 +370,14 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
         if not 0.0 < float(min_protein_overlap) <= 1.0:
             raise ValueError(f"min_protein_overlap must lie in (0, 1], got {min_protein_overlap}.")
         self.min_protein_overlap = float(min_protein_overlap)
+        self.peak_names = None if peak_names is None else [str(name) for name in peak_names]
+        self.peak_coordinates = None if peak_coordinates is None else {k: list(v) for k, v in peak_coordinates.items()}
+        if self.peak_names is not None:
+            if not self.peak_names:
+                raise ValueError("peak_names is empty: a multiome processor needs at least one peak.")
+            coordinates = self.peak_coordinates or {}
+            if any(len(coordinates.get(key, ())) != len(self.peak_names) for key in ("chrom", "start", "end")):
+                raise ValueError("peak_coordinates must give chrom, start and end of each of the peak_names.")
 
     def _check_species_genes(self) -> None:
         if len(set(self.species)) != len(self.species) or not self.species:
@@ -800,6 +814,58 @@ class ScrnaLongformerProcessor(FeatureExtractionMixin):
                 "Check the protein names (the model's are in its processor's protein_names)."
             )
         return positions
+
+    # -----------------------------------------------------------------------------------------
+    # ATAC peaks (multiome models)
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def n_peaks(self) -> int:
+        return 0 if self.peak_names is None else len(self.peak_names)
+
+    def align_peaks(self, peak_names: Sequence[str], where: str = "the input's peaks") -> np.ndarray:
+        """Panel position of each input peak, by name; -1 for peaks outside the panel.
+
+        Args:
+            peak_names: the input's peak names, in its column order (length P_in).
+
+        Returns:
+            (P_in,) int64 panel positions.
+
+        Raises:
+            ValueError: the processor has no peak panel, or no input peak is in it (the model
+                would silently read RNA only).
+        """
+        if self.peak_names is None:
+            raise ValueError("this model has no ATAC peak panel; it reads RNA only (train one with --atac-key).")
+        panel = {name: i for i, name in enumerate(self.peak_names)}
+        positions = np.array([panel.get(str(name), -1) for name in peak_names], dtype=np.int64)
+        if not (positions >= 0).any():
+            raise ValueError(
+                f"none of the {len(positions)} peaks of {where} (e.g. {list(peak_names)[:3]}) is in the model's "
+                f"{self.n_peaks}-peak panel (e.g. {self.peak_names[:3]}); name peaks as the training data did."
+            )
+        return positions
+
+    def peaks(self, accessibility, peak_names: Sequence[str], where: str = "the input's peaks") -> dict:
+        """Binarised input peaks -> the model's ``peak_accessibility`` (n_cells, P) float32 0/1 in
+        panel order and ``peak_mask`` (n_cells, P) bool (False: a panel peak the input lacks).
+
+        Args:
+            accessibility: (n_cells, P_in) 0/1, dense or sparse
+                (:func:`~scrnalf_hf.data.atac.binarize_peaks`).
+            peak_names: the P_in input peak names.
+        """
+        if accessibility.shape[1] != len(peak_names):
+            raise ValueError(f"{len(peak_names)} peak names for peak accessibility of shape {accessibility.shape}.")
+        positions = self.align_peaks(peak_names, where)
+        kept = np.flatnonzero(positions >= 0)
+        values = accessibility[:, kept]
+        panel = np.zeros((accessibility.shape[0], self.n_peaks), dtype=np.float32)
+        panel[:, positions[kept]] = values.toarray() if _is_sparse(values) else np.asarray(values)
+        measured = np.zeros(self.n_peaks, dtype=bool)
+        measured[positions[kept]] = True
+        return {"peak_accessibility": panel, "peak_mask": np.broadcast_to(measured, panel.shape).copy()}
 
     def check_proteins(self, values, where: str = "the protein counts") -> None:
         """Raise ``ValueError`` naming ``where`` for NaN/inf or negative protein counts."""

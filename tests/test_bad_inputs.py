@@ -1302,6 +1302,15 @@ def _atac_cases() -> list[Case]:
         model = ScrnaLongformerForCellClassification(config).eval()
         return lambda: model(torch.rand(2, N_GENES), peak_accessibility=torch.full((2, 4), 3.0))
 
+    def conv(source, t):
+        return cli("convert", source, t / "out", "--atac-key", "atac", fresh=[t / "out"])
+
+    def with_atac(make_atac):
+        return lambda w, t, mp: conv(atac_h5mu(t, make_atac()), t)
+
+    def atac_finetune(*extra, label=True):
+        return lambda w, t, mp: ft(atac_h5mu(t, atac_modality()), t, "--atac-key", "atac", *TRAIN, *extra, label=label)
+
     end_before_start = pd.DataFrame({"chrom": ["chr1"] * 4, "start": [500, 900, 2000, 3000], "end": [100, 1400, 2500, 3500]},
                                     index=[f"peak{p}" for p in range(4)])
     return [
@@ -1319,6 +1328,27 @@ def _atac_cases() -> list[Case]:
              read(lambda: atac_modality(values=-np.ones((30, 4), dtype=np.float32))), "negative values"),
         Case("api-atac-raw-counts-into-model", "api", "fragment counts (not binarised) as peak_accessibility",
              lambda w, t, mp: api(raw_counts_into_model()), "binarised"),
+        Case("convert-atac-no-atac-modality", "convert", "--atac-key names no modality of the .h5mu",
+             with_atac(lambda: None), "no ATAC modality 'atac'"),
+        Case("convert-atac-zero-peaks", "convert", ".h5mu ATAC modality with zero peaks",
+             with_atac(lambda: atac_modality(peaks=[])), "zero peaks"),
+        Case("convert-atac-cell-ids-differ", "convert", ".h5mu whose ATAC cells have other ids than the RNA's",
+             with_atac(lambda: atac_modality(index=[f"barcode{i}" for i in range(30)])), "cell ids of modality 'atac' differ"),
+        Case("convert-atac-key-on-h5ad", "convert", "--atac-key on an .h5ad file (ATAC needs a .h5mu)",
+             lambda w, t, mp: conv(w.good, t), "not one; give a MuData file"),
+        Case("finetune-atac-key-on-h5ad", "finetune", "--atac-key on an .h5ad file (ATAC needs a .h5mu)",
+             lambda w, t, mp: ft(w.good, t, "--atac-key", "atac", *TRAIN), "not one; give a MuData file"),
+        Case("finetune-atac-no-atac-modality", "finetune", "--atac-key names no modality of the .h5mu",
+             lambda w, t, mp: ft(atac_h5mu(t, None), t, "--atac-key", "atac", *TRAIN), "no ATAC modality 'atac'"),
+        Case("finetune-atac-task-protein", "finetune", "--atac-key with --task protein (only classification reads ATAC)",
+             atac_finetune("--task", "protein", label=False), "only cell classification reads ATAC"),
+        Case("finetune-atac-task-trajectory", "finetune", "--atac-key with --task trajectory (only classification reads ATAC)",
+             atac_finetune("--task", "trajectory", "--time-key", "time", label=False), "only cell classification reads ATAC"),
+        Case("compare-atac-key-on-h5ad", "compare", "--atac-key on an .h5ad file (ATAC needs a .h5mu)",
+             lambda w, t, mp: cmp(w.good, t, "--atac-key", "atac"), "not one; give a MuData file"),
+        Case("finetune-atac-key-with-soma-uri", "finetune", "--atac-key with --soma-uri (ATAC needs a .h5mu)",
+             lambda w, t, mp: cli("finetune", "--soma-uri", soma_store(t), "--label-key", "cell_type", "--atac-key", "atac",
+                                  "--output-dir", t / "out", *TRAIN, fresh=[t / "out"]), "read as RNA only"),
     ]
 
 

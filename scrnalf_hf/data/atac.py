@@ -48,6 +48,18 @@ class PeakCoordinates:
     start: np.ndarray
     end: np.ndarray
 
+    def to_dict(self) -> dict[str, list]:
+        """JSON-ready ``{"chrom", "start", "end"}`` lists (``genes.json``, the processor's config)."""
+        return {"chrom": self.chrom.tolist(), "start": self.start.tolist(), "end": self.end.tolist()}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "PeakCoordinates":
+        return cls(
+            np.asarray(record["chrom"], dtype=str),
+            np.asarray(record["start"], dtype=np.int64),
+            np.asarray(record["end"], dtype=np.int64),
+        )
+
 
 @dataclass
 class Peaks:
@@ -56,13 +68,14 @@ class Peaks:
     Attributes:
         names: the P peak names, in column order.
         coordinates: their genomic coordinates.
-        accessibility: (n_cells, P) float32 binarised (0/1), rows in the RNA's cell order.
+        accessibility: (n_cells, P) float32 binarised (0/1), rows in the RNA's cell order; a
+            CSR matrix when read with ``sparse=True`` (most peaks are closed in most cells).
         source: where they were read (for messages).
     """
 
     names: list[str]
     coordinates: PeakCoordinates
-    accessibility: np.ndarray
+    accessibility: np.ndarray | sp.csr_matrix
     source: str
 
 
@@ -99,9 +112,16 @@ def parse_peak_coordinates(names, var: pd.DataFrame | None = None, where: str = 
     return PeakCoordinates(chrom.astype(str), start.astype(np.int64), end.astype(np.int64))
 
 
-def binarize_peaks(counts, where: str = "the ATAC counts") -> np.ndarray:
+def binarize_peaks(counts, where: str = "the ATAC counts", sparse: bool = False) -> np.ndarray | sp.csr_matrix:
     """(n, P) fragment counts (dense or sparse) -> (n, P) float32 0/1: open where count > 0.
-    Counts must be finite and non-negative."""
+    Counts must be finite and non-negative. ``sparse``: a CSR result, never densified (the
+    checks then read the stored values only: the implicit zeros are valid counts)."""
+    if sparse:
+        matrix = sp.csr_matrix(counts, copy=True)  # eliminate_zeros edits the index arrays in place
+        binarize_peaks(matrix.data[None, :], where)  # the same checks, on the stored values
+        matrix.data = (matrix.data > 0).astype(np.float32)
+        matrix.eliminate_zeros()
+        return matrix
     values = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{where} must hold numbers, found dtype {values.dtype}.")
@@ -146,9 +166,9 @@ def build_peak_graph(coordinates: PeakCoordinates, k: int) -> np.ndarray:
     return table.astype(np.int64)
 
 
-def peaks_from_modality(modality, rna_ids: pd.Index, name: str = ATAC_MODALITY) -> Peaks:
+def peaks_from_modality(modality, rna_ids: pd.Index, name: str = ATAC_MODALITY, sparse: bool = False) -> Peaks:
     """The peaks of a MuData ATAC modality (``layers["counts"]`` or ``X``), binarised, in the RNA's
-    cell order."""
+    cell order (a CSR matrix with ``sparse``)."""
     where = f"modality {name!r}"
     if modality.n_vars == 0:
         raise ValueError(f"{where} has zero peaks; give at least one peak.")
@@ -156,18 +176,26 @@ def peaks_from_modality(modality, rna_ids: pd.Index, name: str = ATAC_MODALITY) 
     rows = _match_cells(rna_ids, modality.obs_names, where)
     matrix = modality.layers["counts"] if "counts" in modality.layers else modality.X
     matrix = matrix[rows] if sp.issparse(matrix) else np.asarray(matrix)[rows]
-    accessibility = binarize_peaks(matrix, f"the counts of {where}")
+    accessibility = binarize_peaks(matrix, f"the counts of {where}", sparse=sparse)
     return Peaks([str(n) for n in modality.var_names], coordinates, accessibility, where)
 
 
-def read_atac(path, atac_modality: str = ATAC_MODALITY, rna_modality: str = RNA_MODALITY):
-    """``(rna AnnData, Peaks)`` of a ``.h5mu`` file with an RNA and an ATAC modality."""
+def read_atac(path, atac_modality: str = ATAC_MODALITY, rna_modality: str = RNA_MODALITY, sparse: bool = False):
+    """``(rna AnnData, Peaks)`` of a ``.h5mu`` file with an RNA and an ATAC modality (the
+    accessibility a CSR matrix with ``sparse``)."""
     mdata, rna = read_h5mu(path, rna_modality)
+    return rna, peaks_of_mudata(mdata, rna, path, atac_modality, sparse)
+
+
+def peaks_of_mudata(mdata, rna, path, atac_modality: str = ATAC_MODALITY, sparse: bool = False) -> Peaks:
+    """The peaks of ``mdata``'s ATAC modality in the order of its RNA modality ``rna``; a missing
+    modality is an error."""
     if atac_modality not in mdata.mod:
         raise ValueError(
-            f"{path} has no ATAC modality {atac_modality!r} (its modalities: {list(mdata.mod)}); name it with atac_modality."
+            f"{path} has no ATAC modality {atac_modality!r} (its modalities: {list(mdata.mod)}); name it with "
+            "atac_modality (--atac-key)."
         )
-    return rna, peaks_from_modality(mdata.mod[atac_modality], rna.obs_names, atac_modality)
+    return peaks_from_modality(mdata.mod[atac_modality], rna.obs_names, atac_modality, sparse)
 
 
 __all__ = [
@@ -178,5 +206,6 @@ __all__ = [
     "build_peak_graph",
     "parse_peak_coordinates",
     "peaks_from_modality",
+    "peaks_of_mudata",
     "read_atac",
 ]

@@ -73,8 +73,8 @@ class Cells:
 
     def with_targets(self, targets: np.ndarray | None) -> datasets.Dataset:
         """The rows a collator needs (:data:`CELL_COLUMNS`, and ``species``, ``time_points`` and
-        ``protein`` where the cells have them), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
-        columns = list(CELL_COLUMNS) + [c for c in ("species", TIME_POINT_COLUMN, "protein") if c in self.dataset.column_names]
+        ``protein`` and ``peaks`` where the cells have them), numpy-formatted, with each cell's target (``targets[i]`` for row ``i``, shape (n_cells,) or (n_cells, k)) as ``labels``."""
+        columns = list(CELL_COLUMNS) + [c for c in ("species", TIME_POINT_COLUMN, "protein", "peaks") if c in self.dataset.column_names]
         dataset = self.dataset.select_columns(columns)
         if targets is not None:
             if len(targets) != self.n_cells:
@@ -184,6 +184,20 @@ class Cells:
         protein order (``genes.protein_names``), or None when the cells carry no proteins."""
         return None if self._protein_levels is None else self._protein_levels[np.asarray(rows)]
 
+    def open_peaks(self, rows: np.ndarray) -> sp.csr_matrix | None:
+        """(len(rows), n_peaks) float32 binarised ATAC accessibility of ``rows`` in the cells' own
+        peak order (``genes.peak_names``), sparse, or None when the cells carry no peaks."""
+        if self.genes.peak_names is None or "peaks" not in self.dataset.column_names:
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        open_peaks = self.dataset.select_columns(["peaks"]).with_format("arrow")[rows]["peaks"].combine_chunks()
+        offsets = open_peaks.offsets.to_numpy()
+        indices = open_peaks.flatten().to_numpy()  # the rows' entries only, also of a sliced array
+        return sp.csr_matrix(
+            (np.ones(len(indices), dtype=np.float32), indices, offsets - offsets[0]),
+            shape=(len(rows), len(self.genes.peak_names)),
+        )
+
     @functools.cached_property
     def _protein_levels(self) -> np.ndarray | None:
         if self.genes.protein_names is None or "protein" not in self.dataset.column_names:
@@ -261,6 +275,7 @@ def open_cells(
     species: str | None = None,
     species_key: str | None = None,
     protein_key: str | None = None,
+    atac_key: str | None = None,
 ) -> Cells:
     """Open cells for training: a ``scrnalf convert`` folder, an ``.h5ad`` or ``.h5mu`` file or an AnnData.
 
@@ -279,6 +294,9 @@ def open_cells(
             the protein modality of a ``.h5mu`` file (whose RNA modality is ``rna``); kept as the
             ``protein`` column, matched to the RNA by cell id. A folder keeps what it was
             converted with.
+        atac_key: the ATAC modality of a ``.h5mu`` file (multiome), kept as the ``peaks``
+            column (each cell's open peaks, binarised), matched to the RNA by cell id; any other
+            input with ``atac_key`` is an error. A folder keeps what it was converted with.
 
     Raises:
         ValueError / FileNotFoundError: unreadable input, bad values, an ``input_kind`` that does
@@ -302,14 +320,19 @@ def open_cells(
                 f"{folder} holds no proteins, but --protein-key {protein_key} was given; convert the input again with "
                 f"--protein-key {protein_key}."
             )
+        if atac_key is not None and genes.peak_names is None:
+            raise ValueError(
+                f"{folder} holds no ATAC peaks, but --atac-key {atac_key} was given; convert the .h5mu input again with "
+                f"--atac-key {atac_key}."
+            )
         cells = Cells(datasets.load_from_disk(str(folder)), genes, name or folder.name, converted_label_key)
         return cells.with_species(species, species_key)
 
-    from .multimodal import is_mudata_path, read_proteins
+    from .multimodal import is_mudata_path, read_modalities
 
     if name is None and is_mudata_path(source):
         name = Path(source).stem
-    source, proteins = read_proteins(source, protein_key)
+    source, proteins, peaks = read_modalities(source, protein_key, atac_key)
 
     with open_anndata(source, layer=layer, use_raw=use_raw, require_counts=True) as expression:
         matrix_name = expression.matrix_name
@@ -329,7 +352,7 @@ def open_cells(
     convert_anndata(
         source, folder, label_key=label_key, obs_keys=present, require_counts=input_kind == "counts",
         allow_empty_genes=True, progress=progress, species=species, species_key=species_key, proteins=proteins,
-        **_matrix_arguments(matrix_name),
+        peaks=peaks, **_matrix_arguments(matrix_name),
     )
     if name is None:
         name = Path(source).stem if isinstance(source, (str, Path)) else "anndata"

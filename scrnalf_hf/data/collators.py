@@ -127,6 +127,8 @@ class CellCollator:
             inference); ``"masked"`` (``protein_expression``, ``protein_mask`` and
             ``masked_proteins`` drawn by ``protein_masking``: masked-modality training).
         protein_masking: the sampler of ``"masked"``.
+        peaks: a multiome classifier reads the rows' open ``peaks`` (aligned to the processor's
+            peak panel by name) as ``peak_accessibility`` and ``peak_mask``.
 
     Returns (from ``__call__``):
         ``expression`` (batch, G) float32, ``attention_mask`` (batch, G) int64 (1 = panel gene
@@ -147,6 +149,7 @@ class CellCollator:
         species: Sequence[str] | None = None,
         proteins: str = "none",
         protein_masking: ProteinMaskSampler | None = None,
+        peaks: bool = False,
     ):
         if normalize and genes.input_kind != processor.input_kind:
             raise ValueError(
@@ -189,6 +192,13 @@ class CellCollator:
             measured = np.zeros(processor.n_proteins, dtype=bool)
             measured[self.protein_positions[self.protein_positions >= 0]] = True
             self.protein_measured = measured  # (P,)
+        self.peaks = peaks
+        if peaks:
+            if genes.peak_names is None:
+                raise ValueError("this model reads ATAC peaks, but the cells have none; give them with --atac-key (a .h5mu modality).")
+            self.peak_positions = processor.align_peaks(genes.peak_names, "the cells' peaks")  # (P_data,)
+            self.peak_measured = np.zeros(processor.n_peaks, dtype=bool)  # (P,)
+            self.peak_measured[self.peak_positions[self.peak_positions >= 0]] = True
 
     def _species_ids(self, features: Sequence[dict]) -> np.ndarray:
         """(batch,) the model's species id of each row (its ``species`` name)."""
@@ -256,7 +266,21 @@ class CellCollator:
             batch["labels"] = batch["expression"].clone()
         if self.proteins != "none":
             batch.update(self.protein_batch(features))
+        if self.peaks:
+            batch.update(self.peak_batch(features))
         return batch
+
+    def peak_batch(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The rows' open peaks densified into the panel: ``peak_accessibility`` (batch, P)
+        float32 0/1 and ``peak_mask`` (batch, P) bool (the panel peaks the cells' data has)."""
+        accessibility = np.zeros((len(features), self.processor.n_peaks), dtype=np.float32)
+        open_peaks = [self.peak_positions[np.asarray(f["peaks"], dtype=np.int64)] for f in features]  # panel positions
+        cell_of_entry = np.repeat(np.arange(len(features)), [len(p) for p in open_peaks])
+        positions = np.concatenate(open_peaks) if open_peaks else np.zeros(0, dtype=np.int64)
+        kept = positions >= 0
+        accessibility[cell_of_entry[kept], positions[kept]] = 1.0
+        mask = np.broadcast_to(self.peak_measured, accessibility.shape).copy()
+        return {"peak_accessibility": torch.from_numpy(accessibility), "peak_mask": torch.from_numpy(mask)}
 
     def protein_batch(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         """The rows' protein counts densified into the panel, CLR-normalised, as this collator's

@@ -18,6 +18,10 @@ column                    content
 ``protein``               float32 raw protein (antibody) counts of a CITE-seq cell, in the
                           order of ``genes.json``'s ``protein_names`` (if given; matched to the
                           RNA cells by id, see :mod:`~scrnalf_hf.data.multimodal`)
+``peaks``                 int32 positions of a multiome cell's open ATAC peaks in
+                          ``genes.json``'s ``peak_names``, ascending (if given; sparse, since
+                          most of 100,000 peaks are closed in a cell; see
+                          :mod:`~scrnalf_hf.data.atac`)
 selected ``obs`` columns  under their own names
 ========================  ============================================================
 
@@ -114,6 +118,9 @@ class DatasetGenes:
             processor's ``input_kind`` the values suit.
         matrix: where the values came from in the AnnData, e.g. ``"layers['counts']"``.
         protein_names: the proteins of the ``protein`` column (CITE-seq), in its order, if any.
+        peak_names: the ATAC peaks the ``peaks`` column indexes (multiome), in its order, if any.
+        peak_coordinates: their ``{"chrom", "start", "end"}`` lists
+            (:meth:`~scrnalf_hf.data.atac.PeakCoordinates.to_dict`), with ``peak_names``.
     """
 
     gene_symbols: list[str]
@@ -121,6 +128,8 @@ class DatasetGenes:
     input_kind: str
     matrix: str
     protein_names: list[str] | None = None
+    peak_names: list[str] | None = None
+    peak_coordinates: dict | None = None
 
     @property
     def n_genes(self) -> int:
@@ -151,7 +160,8 @@ def dataset_genes(
             )
         record = json.loads(genes_file.read_text())
         return DatasetGenes(
-            record["gene_symbols"], record["gene_ids"], record["input_kind"], record["matrix"], record.get("protein_names")
+            record["gene_symbols"], record["gene_ids"], record["input_kind"], record["matrix"], record.get("protein_names"),
+            record.get("peak_names"), record.get("peak_coordinates"),
         )
     with open_anndata(path, layer, use_raw, require_counts, gene_id_key) as source:
         return DatasetGenes(
@@ -188,6 +198,7 @@ class _ConversionPlan:
     chunk_size: int
     features: datasets.Features
     protein_counts: np.ndarray | None = None  # (n_cells, P) in the source's cell order
+    open_peaks: sp.csr_matrix | None = None  # (n_cells, n_peaks) binarised, in the source's cell order
 
 
 def _plan_conversion(
@@ -200,6 +211,7 @@ def _plan_conversion(
     require_counts: bool,
     chunk_size: int,
     proteins=None,
+    peaks=None,
 ) -> _ConversionPlan:
     """Checks cells and columns, then fixes the dataset's features (label names included)."""
     if species is not None and species_key is not None:
@@ -239,6 +251,10 @@ def _plan_conversion(
         if len(proteins.counts) != source.n_cells:
             raise ValueError(f"{len(proteins.counts)} cells of proteins ({proteins.source}) for {source.n_cells} RNA cells.")
         columns["protein"] = datasets.List(datasets.Value("float32"))
+    if peaks is not None:
+        if peaks.accessibility.shape[0] != source.n_cells:
+            raise ValueError(f"{peaks.accessibility.shape[0]} cells of peaks ({peaks.source}) for {source.n_cells} RNA cells.")
+        columns["peaks"] = datasets.List(datasets.Value("int32"))
     return _ConversionPlan(
         label_key=label_key,
         label_names=label_names,
@@ -250,6 +266,7 @@ def _plan_conversion(
         chunk_size=chunk_size,
         features=datasets.Features(columns),
         protein_counts=None if proteins is None else proteins.counts,
+        open_peaks=None if peaks is None else sp.csr_matrix(peaks.accessibility),
     )
 
 
@@ -283,6 +300,12 @@ def _cells_table(chunk: sp.csr_matrix, first_row: int, source: ExpressionSource,
         proteins = np.ascontiguousarray(plan.protein_counts[rows], dtype=np.float32)  # (cells, P)
         protein_offsets = pa.array(np.arange(0, proteins.size + 1, max(proteins.shape[1], 1), dtype=np.int32))
         columns["protein"] = pa.ListArray.from_arrays(protein_offsets, pa.array(proteins.reshape(-1)))
+    if plan.open_peaks is not None:
+        open_peaks = plan.open_peaks[rows]  # (cells, n_peaks) CSR: its offsets and indices are the column
+        open_peaks.sort_indices()
+        columns["peaks"] = pa.ListArray.from_arrays(
+            pa.array(open_peaks.indptr.astype(np.int32)), pa.array(open_peaks.indices.astype(np.int32, copy=False))
+        )
     return pa.table(columns)
 
 
@@ -454,6 +477,7 @@ def convert_anndata(
     progress: bool = True,
     card_writer: Callable[[Path, dict], None] | None = None,
     proteins=None,
+    peaks=None,
 ) -> datasets.Dataset:
     """Converts an AnnData into a ``datasets.Dataset`` folder, one sparse row per cell.
 
@@ -484,6 +508,9 @@ def convert_anndata(
         proteins: a :class:`~scrnalf_hf.data.multimodal.Proteins` of the same cells, rows in
             the AnnData's cell order (:func:`~scrnalf_hf.data.multimodal.read_proteins`),
             stored as the ``protein`` column.
+        peaks: a :class:`~scrnalf_hf.data.atac.Peaks` of the same cells, rows in the AnnData's
+            cell order (:func:`~scrnalf_hf.data.multimodal.read_modalities`), stored as the
+            ``peaks`` column (each cell's open peaks), the peak panel in ``genes.json``.
 
     Returns:
         The converted dataset, memory-mapped from ``output_dir``.
@@ -517,7 +544,7 @@ def convert_anndata(
     }
     with open_anndata(**source_arguments) as source:
         plan = _plan_conversion(
-            source, label_key, obs_keys, species, species_key, batch_key, require_counts, chunk_size, proteins
+            source, label_key, obs_keys, species, species_key, batch_key, require_counts, chunk_size, proteins, peaks
         )
         bounds = _shard_bounds(source.n_cells, cells_per_shard, num_proc)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -562,6 +589,10 @@ def convert_anndata(
             if proteins is not None:
                 summary["protein_names"] = list(proteins.names)
                 summary["protein_source"] = proteins.source
+            if peaks is not None:
+                summary["peak_names"] = list(peaks.names)
+                summary["peak_coordinates"] = peaks.coordinates.to_dict()
+                summary["peak_source"] = peaks.source
             (staging / GENES_FILE).write_text(json.dumps(summary))
             _write_dataset_metadata(
                 staging,

@@ -152,15 +152,18 @@ def read_mudata(path, protein_modality: str | None = PROTEIN_MODALITY, rna_modal
     """``(rna AnnData, Proteins or None)`` of a ``.h5mu`` file; the protein modality is read when
     ``protein_modality`` is given (its absence is then an error)."""
     mdata, rna = read_h5mu(path, rna_modality)
-    proteins = None
-    if protein_modality is not None:
-        if protein_modality not in mdata.mod:
-            raise ValueError(
-                f"{path} has no protein modality {protein_modality!r} (its modalities: {list(mdata.mod)}); name it "
-                "with --protein-key."
-            )
-        proteins = proteins_from_modality(mdata.mod[protein_modality], rna.obs_names, protein_modality)
-    return rna, proteins
+    return rna, None if protein_modality is None else proteins_of_mudata(mdata, rna, path, protein_modality)
+
+
+def proteins_of_mudata(mdata, rna, path, protein_modality: str) -> Proteins:
+    """The proteins of ``mdata``'s modality ``protein_modality`` in the order of its RNA modality
+    ``rna``; a missing modality is an error."""
+    if protein_modality not in mdata.mod:
+        raise ValueError(
+            f"{path} has no protein modality {protein_modality!r} (its modalities: {list(mdata.mod)}); name it "
+            "with --protein-key."
+        )
+    return proteins_from_modality(mdata.mod[protein_modality], rna.obs_names, protein_modality)
 
 
 def read_proteins(source, protein_key: str | None):
@@ -184,12 +187,33 @@ def read_proteins(source, protein_key: str | None):
     return source, proteins_from_anndata(source, protein_key)
 
 
+def read_modalities(source, protein_key: str | None = None, atac_key: str | None = None):
+    """``(RNA source, Proteins or None, Peaks or None)``: :func:`read_proteins`, and with
+    ``atac_key`` the peaks of that ATAC modality of a ``.h5mu`` file (binarised, a CSR matrix in
+    the RNA's cell order; see :mod:`~scrnalf_hf.data.atac`). Peaks exist only beside the RNA of a
+    MuData file, so ``atac_key`` with any other input is an error."""
+    if atac_key is None:
+        return (*read_proteins(source, protein_key), None)
+    if not is_mudata_path(source):
+        shown = source if isinstance(source, (str, Path)) else "an AnnData"
+        raise ValueError(
+            f"--atac-key {atac_key} reads the ATAC modality of a .h5mu (MuData) file, but {shown} is not one; give a "
+            "MuData file with an RNA modality 'rna' and the ATAC modality."
+        )
+    from .atac import peaks_of_mudata
+
+    mdata, rna = read_h5mu(source)
+    proteins = None if protein_key is None else proteins_of_mudata(mdata, rna, source, protein_key)
+    return rna, proteins, peaks_of_mudata(mdata, rna, source, atac_key, sparse=True)
+
+
 __all__ = [
     "PROTEIN_MODALITY",
     "PROTEIN_OBSM_KEY",
     "Proteins",
     "is_mudata_path",
     "proteins_from_anndata",
+    "read_modalities",
     "read_mudata",
     "read_proteins",
 ]

@@ -66,6 +66,8 @@ def fit_processor(
     arguments = {"input_kind": genes.input_kind, "highly_variable_genes": selection, **_anndata_location(genes.matrix)}
     if genes.protein_names is not None:  # CITE-seq cells: the panel's proteins are theirs, in their order
         arguments["protein_names"] = list(genes.protein_names)
+    if genes.peak_names is not None:  # multiome cells: the panel's peaks are theirs, in their order
+        arguments["peak_names"], arguments["peak_coordinates"] = list(genes.peak_names), genes.peak_coordinates
     if cells.species_setup is not None:
         from .species import fit_species_processor
 

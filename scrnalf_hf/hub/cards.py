@@ -429,26 +429,35 @@ def _species_section(processor: dict) -> str:
 
 def _modalities_section(processor: dict) -> str:
     """The card's modalities section of a multimodal model (empty for an RNA-only one): the
-    protein panel and how the processor normalises it."""
-    proteins = processor.get("protein_names")
-    if not proteins:
+    protein panel and how the processor normalises it, the ATAC peak panel."""
+    proteins, peaks = processor.get("protein_names"), processor.get("peak_names")
+    if not proteins and not peaks:
         return ""
-    return "\n".join([
-        "",
-        "## Modalities",
-        "",
-        f"Modalities: RNA ({len(processor.get('gene_symbols') or [])}-gene panel) and protein ({len(proteins)} proteins, "
-        "CITE-seq antibody counts).",
-        "",
-        f"- Protein panel: {', '.join(proteins)}.",
-        "- Protein normalisation (processor): centred log-ratio per cell, `log1p(x) - mean(log1p(x))` over the cell's "
-        "measured panel proteins; proteins are matched by name (case-insensitive), and an input must measure at least "
-        f"{float(processor.get('min_protein_overlap', 0.5)):.0%} of the panel.",
-        "- Proteins enter as tokens (panel embedding + value encoding + modality-type embedding) that attend to the gene "
-        "tokens and the cell embedding in cross-modal fusion layers. Cells without proteins run on RNA alone: "
-        "`processor(adata)` without `protein_counts`, or `scrnalf predict` on an RNA-only file.",
-        "",
-    ])
+    kinds = [f"RNA ({len(processor.get('gene_symbols') or [])}-gene panel)"]
+    if proteins:
+        kinds.append(f"protein ({len(proteins)} proteins, CITE-seq antibody counts)")
+    if peaks:
+        kinds.append(f"ATAC ({len(peaks)} peaks, binarised chromatin accessibility)")
+    lines = ["", "## Modalities", "", f"Modalities: {', '.join(kinds[:-1])} and {kinds[-1]}.", ""]
+    if proteins:
+        lines += [
+            f"- Protein panel: {', '.join(proteins)}.",
+            "- Protein normalisation (processor): centred log-ratio per cell, `log1p(x) - mean(log1p(x))` over the cell's "
+            "measured panel proteins; proteins are matched by name (case-insensitive), and an input must measure at least "
+            f"{float(processor.get('min_protein_overlap', 0.5)):.0%} of the panel.",
+            "- Proteins enter as tokens (panel embedding + value encoding + modality-type embedding) that attend to the gene "
+            "tokens and the cell embedding in cross-modal fusion layers. Cells without proteins run on RNA alone: "
+            "`processor(adata)` without `protein_counts`, or `scrnalf predict` on an RNA-only file.",
+        ]
+    if peaks:
+        lines += [
+            f"- Peak panel: the processor's `peak_names` (e.g. {', '.join(peaks[:3])}) and their `peak_coordinates`; "
+            "an input's peaks are matched by name, each open (1) or closed (0) in a cell.",
+            "- Peaks run through their own encoder over the peak graph (each peak's nearest peaks on its chromosome); its "
+            "cell embedding joins the RNA's in the cross-modal fusion layers. `scrnalf predict` on a `.h5mu` reads its "
+            "`atac` modality; cells without ATAC run on RNA alone.",
+        ]
+    return "\n".join([*lines, ""])
 
 
 def _loading_code(task, repo_id: str, species: list[str] | None = None) -> str:

@@ -61,6 +61,11 @@ class DataArguments:
         metadata={"help": "where the cells' proteins are (CITE-seq): an obsm key, or the protein modality of a .h5mu file "
                   "(--task protein: default obsm['protein_expression'] / modality 'prot'; classification then reads RNA + proteins)."},
     )
+    atac_key: str | None = field(
+        default=None,
+        metadata={"help": "the ATAC modality of a .h5mu file (multiome, e.g. atac): cell classification then reads RNA + "
+                  "binarised peaks."},
+    )
     layer: str | None = field(default=None, metadata={"help": "AnnData layer to read ('X' for X; default: counts layer, .raw, X)."})
     use_raw: bool = field(default=False, metadata={"help": "read .raw.X."})
     input_kind: str = field(

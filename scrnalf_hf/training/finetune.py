@@ -92,6 +92,15 @@ def protein_key_of(task: Task, arguments, source) -> str | None:
     return PROTEIN_MODALITY if is_mudata_path(source) else PROTEIN_OBSM_KEY
 
 
+def atac_key_of(task: Task, arguments) -> str | None:
+    """``--atac-key``: the ATAC modality of a ``.h5mu`` input, read by cell classification only
+    (the model reads RNA + peaks); any other task is refused in one line."""
+    key = getattr(arguments, "atac_key", None)
+    if key is not None and not config_uses_peaks(task):
+        raise ValueError(f"--atac-key {key}: only cell classification reads ATAC peaks, not {task.summary}; drop --atac-key.")
+    return key
+
+
 def target_obs_keys(task: Task, key: str | None, time_point_key: str | None = None) -> tuple[str, ...]:
     """``obs`` columns an ``.h5ad`` input's conversion must keep for the task's targets besides
     the label (classification stores its label column as ``label``; the protein task's are
@@ -159,15 +168,26 @@ def build_model(
         fields["class_weights"] = class_weights
     if processor.species is not None:
         fields["species"] = processor.species
+    modalities = {}
     if processor.protein_names is not None and config_uses_proteins(task):
-        fields.setdefault("modalities", {"protein": processor.n_proteins})
+        modalities["protein"] = processor.n_proteins
         fields.setdefault("protein_names", list(processor.protein_names))
+    if processor.peak_names is not None and config_uses_peaks(task):
+        modalities["atac"] = processor.n_peaks
+        fields.setdefault("peak_names", list(processor.peak_names))
+    if modalities:
+        fields.setdefault("modalities", modalities)
     if preset is not None:
         config = ScrnaLongformerConfig.from_preset(preset, n_genes=processor.n_genes, **fields)
         model = task.model_class(config)
         model.base_model.set_gene_graph(
             gene_graph(processor, cells, train_rows, k=config.knn_k, metric=config.gene_graph_metric)
         )
+        if config.n_peaks:  # a buffer: the saved checkpoint keeps the peak graph
+            from ..data.atac import PeakCoordinates, build_peak_graph
+
+            coordinates = PeakCoordinates.from_dict(processor.peak_coordinates)
+            model.fusion.peak_encoder.set_peak_graph(build_peak_graph(coordinates, config.peak_knn_k))
         return model
     return task.model_class.from_pretrained(model_name_or_path, ignore_mismatched_sizes=True, **fields)
 
@@ -176,6 +196,12 @@ def config_uses_proteins(task: Task) -> bool:
     """Whether a model of ``task`` reads a protein panel the processor has: the protein task,
     and cell classification (from RNA and proteins)."""
     return task.name in ("protein", "classification")
+
+
+def config_uses_peaks(task: Task) -> bool:
+    """Whether a model of ``task`` reads the ATAC peak panel the processor has: cell
+    classification only (from RNA and peaks)."""
+    return task.name == "classification"
 
 
 def freeze_encoder(model: ScrnaLongformerPreTrainedModel) -> None:
@@ -243,8 +269,11 @@ def make_collator(
             protein_masking = None if evaluation else ProteinMaskSampler(config.protein_mask_ratio, seed=seed)
         elif cells.genes.protein_names is not None:
             proteins = "inputs"
+    # cells without ATAC (an RNA-only test file) run on RNA alone, as the model allows
+    peaks = bool(getattr(config, "n_peaks", 0)) and cells.genes.peak_names is not None
     return CellCollator(
-        processor, cells.genes, masking=masking, species=species, proteins=proteins, protein_masking=protein_masking
+        processor, cells.genes, masking=masking, species=species, proteins=proteins, protein_masking=protein_masking,
+        peaks=peaks,
     )
 
 
@@ -455,15 +484,17 @@ class _PanelRows:
     processor: ScrnaLongformerProcessor
     columns: np.ndarray | None = None
     proteins: bool = False
+    peaks: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         n_genes = self.processor.n_genes if self.columns is None else len(self.columns)
         n_proteins = len(self.cells.genes.protein_names) if self.proteins else 0
-        return len(self.rows), n_genes + self.cells.has_time_points + n_proteins
+        n_peaks = len(self.cells.genes.peak_names) if self.peaks else 0
+        return len(self.rows), n_genes + self.cells.has_time_points + n_proteins + n_peaks
 
     def __getitem__(self, part: slice):
-        return baseline_features(self.cells, self.rows[part], self.processor, self.columns, self.proteins)
+        return baseline_features(self.cells, self.rows[part], self.processor, self.columns, self.proteins, self.peaks)
 
 
 def baseline_features(
@@ -472,12 +503,14 @@ def baseline_features(
     processor: ScrnaLongformerProcessor,
     columns: np.ndarray | None = None,
     proteins: bool = False,
+    peaks: bool = False,
 ) -> sp.csr_matrix:
     """(len(rows), n_features) what the baselines read of ``rows``: the processor's panel values
     (the ``columns`` of them where given); for cells with time points, each cell's time point
     as one more column — a time-conditioned model reads it, so its baselines do too; with
     ``proteins``, the cells' CLR protein levels as P more columns (a classifier of RNA + protein
-    is compared with baselines that read both)."""
+    is compared with baselines that read both); with ``peaks``, the cells' binarised ATAC peaks
+    as n_peaks more columns (likewise for RNA + ATAC)."""
     matrix = panel_matrix(cells, rows, processor)
     if columns is not None:
         matrix = matrix[:, columns]
@@ -486,6 +519,8 @@ def baseline_features(
         matrix = sp.hstack([matrix, sp.csr_matrix(time_points[:, None])], format="csr")
     if proteins:
         matrix = sp.hstack([matrix, sp.csr_matrix(cells.protein_levels(rows))], format="csr")
+    if peaks:
+        matrix = sp.hstack([matrix, cells.open_peaks(rows)], format="csr")
     return matrix
 
 
@@ -494,6 +529,12 @@ def baselines_read_proteins(task: Task, cells: Cells) -> bool:
     when the cells carry proteins (the model reads them); the protein task's proteins are its
     targets."""
     return task.name != "protein" and config_uses_proteins(task) and cells.protein_levels(np.arange(0)) is not None
+
+
+def baselines_read_peaks(task: Task, cells: Cells) -> bool:
+    """Whether the baselines of ``task`` read the cells' binarised ATAC peaks as features: a
+    classifier's do when the cells carry peaks (the model reads them)."""
+    return config_uses_peaks(task) and cells.genes.peak_names is not None
 
 
 def baseline_columns(processor: ScrnaLongformerProcessor) -> np.ndarray | None:
@@ -538,9 +579,9 @@ def fit_baselines(
     columns = baseline_columns(processor)
     if columns is not None:
         logger.info("baselines read the %d one-to-one ortholog tokens of the %d-token panel", len(columns), processor.n_genes)
-    proteins = baselines_read_proteins(task, train.cells)
-    train_features = baseline_features(train.cells, train.rows, processor, columns, proteins)
-    test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor, columns, proteins)
+    proteins, peaks = baselines_read_proteins(task, train.cells), baselines_read_peaks(task, train.cells)
+    train_features = baseline_features(train.cells, train.rows, processor, columns, proteins, peaks)
+    test_features = _PanelRows(test.cells, np.asarray(test.rows, dtype=np.int64), processor, columns, proteins, peaks)
     rows, predictions = [], {}
     for name in names:
         fitted = fit_baseline(
@@ -765,6 +806,8 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
     if data_args.soma_uri is not None:
         from ..data.soma import open_soma
 
+        if data_args.atac_key is not None:
+            raise ValueError("--atac-key reads the ATAC modality of a .h5mu file; a SOMA experiment (--soma-uri) is read as RNA only.")
         cells = open_soma(
             data_args.soma_uri, measurement=data_args.measurement, layer=data_args.soma_layer,
             obs_filter=data_args.obs_filter, var_filter=data_args.var_filter, input_kind=data_args.input_kind,
@@ -780,7 +823,7 @@ def train_from_arguments(data_args, model_args, training_args) -> dict:
             data_args.train_file, layer=data_args.layer, use_raw=data_args.use_raw, input_kind=data_args.input_kind,
             label_key=data_args.label_key, name=data_args.dataset_name,
             species=data_args.species, species_key=data_args.species_key, obs_keys=target_obs_keys(task, target_key, data_args.time_point_key),
-            protein_key=protein_key_of(task, data_args, data_args.train_file),
+            protein_key=protein_key_of(task, data_args, data_args.train_file), atac_key=atac_key_of(task, data_args),
         )
     if model_args.model_name_or_path is None:
         cells = with_species_setup(

@@ -211,13 +211,13 @@ def _fit_baselines(task, cells, targets, subset, test, names, *, seed, class_wei
     subsample (``panel_seconds``, shared by the baselines and not counted in their training)."""
     from ..data.panel import fit_processor
     from .baselines import fit_baseline
-    from .finetune import baseline_features, baselines_read_proteins
+    from .finetune import baseline_features, baselines_read_peaks, baselines_read_proteins
 
     with _Stopwatch() as panel:
         processor = fit_processor(cells, subset, n_top_genes, seed=seed)
-        proteins = baselines_read_proteins(task, cells)
-        train_features = baseline_features(cells, subset, processor, proteins=proteins)
-        test_features = baseline_features(test.cells, test.rows, processor, proteins=proteins)
+        proteins, peaks = baselines_read_proteins(task, cells), baselines_read_peaks(task, cells)
+        train_features = baseline_features(cells, subset, processor, proteins=proteins, peaks=peaks)
+        test_features = baseline_features(test.cells, test.rows, processor, proteins=proteins, peaks=peaks)
     fitted = {}
     for name in names:
         with _Stopwatch() as whole:
