@@ -536,7 +536,8 @@ def crossovers(summary: Sequence[dict], reference: str = REFERENCE) -> dict[str,
             if by[(method, s)]["repeats"] > 1 and (mine[0] > theirs[1] or mine[1] < theirs[0]):
                 separated.append({"size": s, "method_better": bool(mine[0] > theirs[1])})
         result[method] = {"sizes": sizes, "difference": diff, "overtakes_at": overtakes,
-                          "crossing_estimate": estimate, "separated_at": separated}
+                          "crossing_estimate": estimate, "separated_at": separated,
+                          "min_repeats": min(by[(method, s)]["repeats"] for s in sizes)}
     return result
 
 
@@ -560,7 +561,12 @@ def crossover_sentences(crossing: dict[str, dict], reference: str = REFERENCE) -
             text = f"`{method}` and `{reference}` cross back and forth in {span} (no lasting crossover)"
         gaps = ", ".join(f"{s:,}: {d:+.3f}" for s, d in zip(sizes, info["difference"]))
         separated = [f"{e['size']:,}" for e in info["separated_at"]]
-        tail = f"; 95% intervals apart at {', '.join(separated)}" if separated else "; 95% intervals overlap at every size"
+        if separated:
+            tail = f"; 95% intervals apart at {', '.join(separated)}"
+        elif info.get("min_repeats", 2) < 2:
+            tail = f"; {method} has one repeat at some sizes (no interval there), the intervals overlap where both have two or more"
+        else:
+            tail = "; 95% intervals overlap at every size"
         lines.append(f"{text}. Mean macro-F1 difference per size: {gaps}{tail}.")
     return lines
 
