@@ -279,6 +279,9 @@ def _add_model_on_anndata(subparsers, name: str, help_text: str) -> None:
     if name == "predict":
         parser.add_argument("--time-point-key", default=None,
                             help="numeric obs column with each cell's sampled time, for a trajectory model trained with one")
+        parser.add_argument("--protein-key", default=None,
+                            help="the cells' proteins (an obsm key or a .h5mu modality), for a classifier trained on RNA + "
+                            "protein (default: obsm['protein_expression'] / the prot modality when present, else RNA alone)")
     parser.set_defaults(func=_run_model_on_anndata)
 
 
@@ -287,11 +290,13 @@ def _run_model_on_anndata(args) -> None:
 
     if (args.input is None) == (args.soma_uri is None):
         raise ValueError("give exactly one source of cells: --input (an .h5ad file) or --soma-uri (a SOMA experiment).")
-    settings = {"time_point_key": args.time_point_key} if args.command == "predict" else {}
+    settings = {"time_point_key": args.time_point_key, "protein_key": args.protein_key} if args.command == "predict" else {}
     common = {"batch_size": args.batch_size, "overwrite": args.overwrite, "revision": args.revision, "species": args.species}
     if args.soma_uri is not None:
         if args.layer is not None or args.use_raw:
             raise ValueError("--layer / --use-raw choose an AnnData matrix; for a SOMA experiment name the X layer with --soma-layer.")
+        if settings.pop("protein_key", None) is not None:
+            raise ValueError("--protein-key reads the proteins of an --input .h5ad / .h5mu; a SOMA experiment's are not read.")
         run = predict_soma if args.command == "predict" else embed_soma
         run(args.model, args.soma_uri, args.output, measurement=args.measurement, soma_layer=args.soma_layer,
             obs_filter=args.obs_filter, var_filter=args.var_filter, **common, **settings)

@@ -155,13 +155,16 @@ def _annotated_chunks(
     alignment: GeneAlignment,
     time_points: np.ndarray | None = None,
     peaks=None,
+    proteins=None,
 ) -> Iterator[tuple[int, ad.AnnData]]:
     """For each ``(first row, cells × genes matrix, library sizes or None)`` chunk, an AnnData of
     those cells (no X) holding what the run writes: the task's predictions (``task`` None: none)
     and the embeddings. Library sizes (n,) are given where the matrix holds only some of each
     cell's genes, else the processor sums the rows. ``time_points``: (n_cells,) of a
     time-conditioned trajectory model; ``peaks``: the cells'
-    :class:`~scrnalf_hf.data.atac.Peaks` (rows in ``obs`` order) for a multiome classifier."""
+    :class:`~scrnalf_hf.data.atac.Peaks` (rows in ``obs`` order) for a multiome classifier;
+    ``proteins``: the cells' :class:`~scrnalf_hf.data.multimodal.Proteins` (rows in ``obs`` order)
+    for a classifier of RNA + protein."""
     model.eval()
     for first, matrix, library_size in chunks:
         features = processor(
@@ -173,6 +176,9 @@ def _annotated_chunks(
         if peaks is not None:
             chunk_peaks = processor.peaks(peaks.accessibility[first : first + matrix.shape[0]], peaks.names, peaks.source)
             features.update({name: torch.from_numpy(values) for name, values in chunk_peaks.items()})
+        if proteins is not None:
+            chunk_proteins = processor.proteins(proteins.counts[first : first + matrix.shape[0]], proteins.names, proteins.source)
+            features.update({name: torch.as_tensor(values) for name, values in chunk_proteins.items()})
         output = model(**features)
         cells = ad.AnnData(obs=obs.iloc[first : first + matrix.shape[0]].copy())
         if task is not None:
@@ -201,10 +207,10 @@ def _run_record(model, overlap: dict) -> dict:
 
 def _annotate(
     adata, model, processor, task, layer, use_raw, batch_size: int, species: str | None = None, time_point_key: str | None = None,
-    peaks=None,
+    peaks=None, proteins=None,
 ) -> None:
-    """Run ``model`` over an in-memory AnnData (and its cells' ``peaks``, if any) and write what it
-    produces into it."""
+    """Run ``model`` over an in-memory AnnData (and its cells' ``peaks`` and ``proteins``, if
+    any) and write what it produces into it."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size}.")
     time_points = _time_points(model, adata.obs, time_point_key) if task is not None else None
@@ -215,7 +221,7 @@ def _annotate(
         cells
         for _, cells in _annotated_chunks(
             model, processor, task, chunks, adata.obs, names, ids, where, overlap.pop("report"), species, alignment, time_points,
-            peaks,
+            peaks, proteins,
         )
     ]
     if parts:
@@ -243,20 +249,23 @@ def embed(
 def predict(
     adata, model: ScrnaLongformerPreTrainedModel, processor: ScrnaLongformerProcessor,
     *, layer: str | None = None, use_raw: bool | None = None, batch_size: int = 256, species: str | None = None,
-    time_point_key: str | None = None, peaks=None,
+    time_point_key: str | None = None, peaks=None, proteins=None,
 ) -> None:
     """Write the model's predictions into ``adata`` as its task declares (module docstring), the
     cell embeddings into ``obsm["X_scrnalf"]`` and the run into ``uns["scrnalf"]``.
     ``species``: the cells' species, for a model of several species; ``time_point_key``: the
     numeric ``obs`` column of each cell's sampled time, for a time-conditioned trajectory model;
     ``peaks``: the cells' :class:`~scrnalf_hf.data.atac.Peaks` (rows in ``adata``'s cell order,
-    e.g. from :func:`~scrnalf_hf.data.atac.read_atac`), for a classifier with an ``atac`` modality.
+    e.g. from :func:`~scrnalf_hf.data.atac.read_atac`), for a classifier with an ``atac`` modality;
+    ``proteins``: the cells' :class:`~scrnalf_hf.data.multimodal.Proteins` (same order, e.g. from
+    :func:`~scrnalf_hf.data.multimodal.proteins_from_anndata`), for a classifier of RNA + protein.
 
     Raises:
         ValueError: the model has no prediction head (a pretrained masked-gene model or the bare
             encoder): it embeds cells, or is fine-tuned first.
     """
-    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species, time_point_key, peaks)
+    _annotate(adata, model, processor, _predicting_task(model), layer, use_raw, batch_size, species, time_point_key, peaks,
+              proteins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,10 +332,48 @@ class _FileWriter:
         write_elem(uns, RUN_KEY, {**dict(self.uns.get(RUN_KEY, {})), **record})
 
 
+def _reads_proteins(model, task) -> bool:
+    """A classifier trained on RNA + protein reads the input's proteins; the protein head predicts
+    them from RNA, and the bare encoder (embed) has no fusion."""
+    return task is not None and task.name == "classification" and bool(getattr(model.config, "n_proteins", 0))
+
+
+def _input_proteins(model, task, input_path: Path, protein_key: str | None, mdata=None, rna=None):
+    """The input's proteins for a classifier that reads them: ``--protein-key``, else the
+    CITE-seq default place (a ``.h5mu`` ``prot`` modality, ``obsm["protein_expression"]``) when
+    the input has it; None (RNA alone, logged) when it has none. ``--protein-key`` for any other
+    model is an error: it would be ignored."""
+    from .data.multimodal import PROTEIN_MODALITY, PROTEIN_OBSM_KEY, proteins_of_mudata, read_proteins
+
+    if not _reads_proteins(model, task):
+        if protein_key is not None:
+            raise ValueError(f"--protein-key {protein_key}: this model does not read proteins (only a classifier trained "
+                             "with --protein-key does); drop --protein-key.")
+        return None
+    if mdata is not None:
+        key = protein_key or PROTEIN_MODALITY
+        if protein_key is None and key not in mdata.mod:
+            logger.warning("%s has no %r modality: classifying from RNA alone (name the proteins with --protein-key)", input_path, key)
+            return None
+        return proteins_of_mudata(mdata, rna, input_path, key)
+    key = protein_key
+    if key is None:
+        import h5py
+
+        with h5py.File(input_path, "r") as handle:
+            present = "obsm" in handle and PROTEIN_OBSM_KEY in handle["obsm"]
+        if not present:
+            logger.warning("%s has no obsm[%r]: classifying from RNA alone (name the proteins with --protein-key)",
+                           input_path, PROTEIN_OBSM_KEY)
+            return None
+        key = PROTEIN_OBSM_KEY
+    return read_proteins(input_path, key)[1]
+
+
 def _process_file(
     model_name_or_path: str, input_path, output_path, head: bool, *, layer: str | None = None,
     use_raw: bool | None = None, batch_size: int = 256, overwrite: bool = False, revision: str | None = None,
-    species: str | None = None, time_point_key: str | None = None,
+    species: str | None = None, time_point_key: str | None = None, protein_key: str | None = None,
 ) -> None:
     import h5py
 
@@ -346,8 +393,10 @@ def _process_file(
     task = _predicting_task(model) if head else None
     staging = staging_path(output_path.parent, f".{output_path.name}.incomplete")
     if is_mudata_path(input_path):
-        _process_mudata(input_path, output_path, staging, model, processor, task, layer, use_raw, batch_size, species, time_point_key)
+        _process_mudata(input_path, output_path, staging, model, processor, task, layer, use_raw, batch_size, species, time_point_key,
+                        protein_key)
         return
+    proteins = _input_proteins(model, task, input_path, protein_key)
     try:
         with open_anndata(input_path, require_counts=False, **_file_matrix_arguments(processor, input_path, layer, use_raw)) as source:
             where = source.matrix_name
@@ -369,7 +418,7 @@ def _process_file(
                 chunks = _annotated_chunks(
                     model, processor, task, ((first, chunk, None) for first, chunk in source.row_chunks(batch_size)),
                     source.obs, source.gene_symbols, source.gene_ids, where, overlap.pop("report"), species, alignment,
-                    time_points,
+                    time_points, None, proteins,
                 )
                 for first, cells in chunks:
                     writer.add(first, cells)
@@ -382,10 +431,10 @@ def _process_file(
 
 def _process_mudata(
     input_path: Path, output_path: Path, staging: Path, model, processor, task, layer, use_raw, batch_size: int,
-    species: str | None, time_point_key: str | None,
+    species: str | None, time_point_key: str | None, protein_key: str | None = None,
 ) -> None:
     """``predict`` / ``embed`` of a ``.h5mu`` file: its RNA modality, annotated in memory (with its
-    ATAC modality for a model that reads peaks), written to ``output_path`` (an ``.h5ad``)."""
+    ATAC and protein modalities for a model that reads them), written to ``output_path`` (an ``.h5ad``)."""
     from .data.atac import ATAC_MODALITY, peaks_of_mudata
     from .data.multimodal import read_h5mu
 
@@ -394,7 +443,8 @@ def _process_mudata(
     # the bare encoder (embed) has no fusion: it embeds the RNA alone
     if model.config.n_peaks and getattr(model, "fusion", None) is not None and ATAC_MODALITY in mdata.mod:
         peaks = peaks_of_mudata(mdata, rna, input_path, ATAC_MODALITY, sparse=True)
-    _annotate(rna, model, processor, task, layer, use_raw, batch_size, species, time_point_key, peaks)
+    proteins = _input_proteins(model, task, input_path, protein_key, mdata, rna)
+    _annotate(rna, model, processor, task, layer, use_raw, batch_size, species, time_point_key, peaks, proteins)
     try:
         try:
             rna.write_h5ad(staging)

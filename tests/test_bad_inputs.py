@@ -1042,6 +1042,9 @@ def _trajectory_cases() -> list[Case]:
         Case("predict-time-point-key-classifier", "predict", "predict --time-point-key with a classifier (no time conditioning)",
              lambda w, t, mp: run_model("predict", w.classifier, h5(t, with_obs(cells_adata(), day=[float(i % 3) for i in range(30)])), t,
                                         "--time-point-key", "day"), "time points"),
+        Case("predict-protein-key-rna-classifier", "predict", "predict --protein-key with a classifier that reads RNA only",
+             lambda w, t, mp: run_model("predict", w.classifier, w.good, t, "--protein-key", "protein_expression"),
+             "does not read proteins"),
         Case("api-pseudotime-classifier", "api", "tl.pseudotime with a classifier (no trajectory head)",
              lambda w, t, mp: api(lambda: __import__("scrnalf_hf").tl.pseudotime(cells_adata(), w.classifier)), "trajectory head"),
     ]

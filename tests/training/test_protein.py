@@ -176,3 +176,45 @@ def test_classification_baselines_read_the_proteins_the_model_reads():
                                 ["logreg"])
         scores[name] = rows[0]["macro_f1"]
     assert scores["rna_protein"] > scores["rna"] + 0.25, scores
+
+
+def test_predict_gives_an_rna_protein_classifier_the_cells_proteins(tmp_path):
+    """A classifier trained on RNA + protein classifies a CITE-seq file from both (obsm or the
+    .h5mu prot modality, matched by cell id), exactly as the model does given those proteins, and
+    a file without proteins from RNA alone."""
+    import torch
+
+    from scrnalf_hf.data.multimodal import proteins_from_anndata
+    from scrnalf_hf.inference import load_model, predict
+
+    adata = cite_adata()
+    data = write_h5ad(adata, tmp_path)
+    model_dir = tmp_path / "model"
+    assert main(["finetune", "--label-key", "cell_subtype", "--protein-key", "protein", "--train-file", str(data),
+                 "--preset", "tiny", "--output-dir", str(model_dir), "--config-overrides", "kernel_implementation=eager",
+                 "--num_train_epochs", "2", "--disable_tqdm", "true"]) == 0
+    with_obsm, from_h5mu, rna_only = tmp_path / "obsm.h5ad", tmp_path / "h5mu.h5ad", tmp_path / "rna.h5ad"
+    assert main(["predict", "--model", str(model_dir), "--input", str(data), "--protein-key", "protein",
+                 "--output", str(with_obsm)]) == 0
+    mudata_path = tmp_path / "cite.h5mu"
+    as_mudata(adata).write_h5mu(mudata_path)  # prot cells in reverse order: matched by id
+    assert main(["predict", "--model", str(model_dir), "--input", str(mudata_path), "--output", str(from_h5mu)]) == 0
+    plain = ad.AnnData(adata.X, obs=adata.obs[[]], var=adata.var)
+    assert main(["predict", "--model", str(model_dir), "--input", str(write_h5ad(plain, tmp_path, "plain.h5ad")),
+                 "--output", str(rna_only)]) == 0
+    model, processor = load_model(str(model_dir))
+    expected = adata.copy()
+    with torch.no_grad():
+        predict(expected, model, processor, proteins=proteins_from_anndata(adata, "protein"))
+    both, mu, rna = (ad.read_h5ad(path).obsm["X_scrnalf"] for path in (with_obsm, from_h5mu, rna_only))
+    np.testing.assert_allclose(both, expected.obsm["X_scrnalf"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mu, both, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(both, rna, atol=1e-4)  # the proteins reached the fused cell embedding
+    # the protein head predicts proteins from RNA: it is given none
+    protein_model = tmp_path / "protein_model"
+    assert main(["finetune", "--task", "protein", "--protein-key", "protein", "--train-file", str(data), "--preset", "tiny",
+                 "--output-dir", str(protein_model), "--config-overrides", "kernel_implementation=eager",
+                 "--num_train_epochs", "1", "--disable_tqdm", "true"]) == 0
+    assert main(["predict", "--model", str(protein_model), "--input", str(data), "--protein-key", "protein",
+                 "--output", str(tmp_path / "refused.h5ad")]) != 0
+    assert not (tmp_path / "refused.h5ad").exists()
