@@ -179,6 +179,14 @@ class Cells:
             return None
         return np.asarray(self.dataset.with_format("numpy")[TIME_POINT_COLUMN], dtype=np.float32)
 
+    @property
+    def has_proteins(self) -> bool:
+        return self.genes.protein_names is not None and "protein" in self.dataset.column_names
+
+    @property
+    def has_peaks(self) -> bool:
+        return self.genes.peak_names is not None and "peaks" in self.dataset.column_names
+
     def protein_levels(self, rows: np.ndarray) -> np.ndarray | None:
         """(len(rows), P) float32 CLR-normalised protein levels of ``rows`` in the cells' own
         protein order (``genes.protein_names``), or None when the cells carry no proteins."""
@@ -187,7 +195,7 @@ class Cells:
     def open_peaks(self, rows: np.ndarray) -> sp.csr_matrix | None:
         """(len(rows), n_peaks) float32 binarised ATAC accessibility of ``rows`` in the cells' own
         peak order (``genes.peak_names``), sparse, or None when the cells carry no peaks."""
-        if self.genes.peak_names is None or "peaks" not in self.dataset.column_names:
+        if not self.has_peaks:
             return None
         rows = np.asarray(rows, dtype=np.int64)
         open_peaks = self.dataset.select_columns(["peaks"]).with_format("arrow")[rows]["peaks"].combine_chunks()
@@ -200,7 +208,7 @@ class Cells:
 
     @functools.cached_property
     def _protein_levels(self) -> np.ndarray | None:
-        if self.genes.protein_names is None or "protein" not in self.dataset.column_names:
+        if not self.has_proteins:
             return None
         from ..processing_scrnalf import clr_normalize
 

@@ -528,13 +528,13 @@ def baselines_read_proteins(task: Task, cells: Cells) -> bool:
     """Whether the baselines of ``task`` read the cells' proteins as features: a classifier's do
     when the cells carry proteins (the model reads them); the protein task's proteins are its
     targets."""
-    return task.name != "protein" and config_uses_proteins(task) and cells.protein_levels(np.arange(0)) is not None
+    return task.name != "protein" and config_uses_proteins(task) and cells.has_proteins
 
 
 def baselines_read_peaks(task: Task, cells: Cells) -> bool:
     """Whether the baselines of ``task`` read the cells' binarised ATAC peaks as features: a
     classifier's do when the cells carry peaks (the model reads them)."""
-    return config_uses_peaks(task) and cells.genes.peak_names is not None
+    return config_uses_peaks(task) and cells.has_peaks
 
 
 def baseline_columns(processor: ScrnaLongformerProcessor) -> np.ndarray | None:
